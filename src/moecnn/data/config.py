@@ -1,0 +1,38 @@
+"""Structured (OmegaConf-compatible) configuration for the classification data pipeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, applied batch-wise on the device (or per sample on the DataLoader path)."""
+
+    crop_padding: int = 4  # random crop of the original size from a zero-padded image (0 = off)
+    flip: bool = True  # random horizontal flip with p = 0.5
+    color_jitter: float = 0.0  # like torchvision ColorJitter(s, s, s) (paper: 0.3); 0 = off
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to load, where from, how to split it and how to feed it.
+
+    ``root=None`` resolves to ``$MOECNN_DATA_DIR/<name>`` when that variable is set, else
+    ``~/.cache/moecnn/<name>`` (fashion_mnist: ``/usr/share/datasets/fashion-mnist`` when it exists).
+    """
+
+    name: str = "synthetic"  # synthetic | cifar100 | cifar10 | fashion_mnist | image_folder | digits
+    root: Optional[str] = None
+    download: bool = False  # fetch the official archive (cifar*, fashion_mnist) when it is missing
+    val_size: int = 5000  # images held out from train (stratified, seeded); 0 = no validation split
+    train_subset: Optional[int] = None  # keep only the first n training images (after the val split)
+    test_subset: Optional[int] = None  # keep only the first n test images
+    superclass_map: Optional[str] = None  # image_folder: JSON file {class_name: superclass_name}
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    gpu_resident: bool = True  # whole uint8 dataset on the device, augmentation on the device
+    num_workers: int = 2  # DataLoader path only
+    seed: int = 0  # split seed
+    image_size: Optional[int] = None  # digits: 16 or 32 (default 32); image_folder: resize to this square size
+    synthetic_train_size: int = 10000  # synthetic: generated training images (before the val split)
+    synthetic_test_size: int = 2000  # synthetic: generated test images

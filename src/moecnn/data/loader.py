@@ -1,0 +1,274 @@
+"""Batch iterators: a GPU-resident loader with vectorised on-device augmentation, and a DataLoader path.
+
+Both yield ``(x, y)``: float32 normalised N x C x H x W images and int64 labels, on ``device``; both have
+``__len__`` (batches per epoch on this rank) and ``set_epoch(epoch)``. Shuffling and augmentation are
+deterministic functions of ``(seed, epoch)`` (and the rank / sample index), never of the global RNG.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+
+from .config import AugmentConfig
+from .datasets import ArrayDataset
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def mix_seed(*values: int) -> int:
+    """Combine integers into one well-mixed 63-bit seed (order-sensitive)."""
+    state = np.random.SeedSequence([int(v) % 2**32 for v in values]).generate_state(2)
+    return (int(state[0]) << 31 | int(state[1])) & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the original size from the zero-padded batch (N x C x H x W, any dtype)."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    dev = x.device
+    off = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=dev)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = (off[0, :, None] + torch.arange(h, device=dev)).view(n, 1, h, 1)
+    cols = (off[1, :, None] + torch.arange(w, device=dev)).view(n, 1, 1, w)
+    return padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Flip each image horizontally with probability ``p``."""
+    flip = torch.rand(len(x), generator=generator, device=x.device) < p
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation jitter like ``ColorJitter(s, s, s)`` on float images in [0, 1].
+
+    Per-image factors are uniform in [max(0, 1 - s), 1 + s]; applied in the fixed order brightness,
+    contrast (blend with the mean grey level), saturation (blend with the grey image; no-op for 1 channel).
+    """
+    if strength <= 0:
+        return x
+    n = len(x)
+    f = torch.empty(3, n, 1, 1, 1, device=x.device).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
+    x = (x * f[0]).clamp_(0, 1)
+    mean_grey = _gray(x).mean((1, 2, 3), keepdim=True)
+    x.mul_(f[1]).add_((1 - f[1]) * mean_grey).clamp_(0, 1)
+    if x.shape[1] == 3:
+        x.mul_(f[2]).add_((1 - f[2]) * _gray(x)).clamp_(0, 1)
+    return x
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (0-255) or float ([0, 1]) batch -> float32 ``(x - mean) / std`` with 1 x C x 1 x 1 mean/std."""
+    if x.dtype == torch.uint8:
+        return (x.float() - mean * 255) / (std * 255)
+    return (x.float() - mean) / std
+
+
+def augment_batch(x: torch.Tensor, augment: Optional[AugmentConfig], generator: torch.Generator,
+                  mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 batch -> augmented (crop, flip, jitter) and normalised float32 batch, all on x's device."""
+    if augment is not None:
+        x = random_crop(x, augment.crop_padding, generator)
+        if augment.flip:
+            x = random_flip(x, generator)
+        if augment.color_jitter > 0:
+            x = color_jitter(x.float() / 255, augment.color_jitter, generator)
+    return normalize(x, mean, std)
+
+
+def _stats(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1))
+
+
+def _eval_shard(n: int, rank: int, world_size: int) -> torch.Tensor:
+    """Contiguous shard of range(n) for ``rank`` (sizes differ by at most one; all shards cover range(n))."""
+    return torch.tensor_split(torch.arange(n), world_size)[rank]
+
+
+# --------------------------------------------------------------------------------------------- GPU loader
+class GPULoader:
+    """Iterate over an :class:`ArrayDataset` held entirely on ``device`` as uint8.
+
+    Training: a fresh permutation per epoch from ``(seed, epoch)`` (identical on all ranks), rank ``r`` takes
+    the slice ``perm[r * m:(r + 1) * m]`` with ``m = N // world_size`` (disjoint, equal sizes; the < world_size
+    leftover images change every epoch), batches augmented on the device with a generator seeded from
+    ``(seed, epoch, rank)``. Evaluation: original order, no augmentation, last partial batch kept, rank
+    ``r`` gets the r-th contiguous shard.
+    """
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, *, train: bool, device: Union[torch.device, str],
+                 mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentConfig],
+                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: Optional[bool] = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device, non_blocking=True)
+        self.labels = dataset.labels.to(self.device, non_blocking=True)
+        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self.augment = augment if self.train else None
+        self.channels_last = channels_last
+        self.mean, self.std = _stats(mean, std, self.device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        n = len(self.images)
+        return n // self.world_size if self.train else len(_eval_shard(n, self.rank, self.world_size))
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in iteration order (CPU int64)."""
+        n = len(self.images)
+        if not self.train:
+            return _eval_shard(n, self.rank, self.world_size)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
+        m = n // self.world_size
+        return perm[self.rank * m:(self.rank + 1) * m]
+
+    def __len__(self) -> int:
+        m = self.num_samples
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        idx = self.indices().to(self.device, non_blocking=True)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
+        for b in range(len(self)):
+            i = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = augment_batch(self.images[i], self.augment, gen, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[i]
+
+
+# --------------------------------------------------------------------------------------------- DataLoader path
+class _Augmented(Dataset):
+    """Applies a torchvision transform to uint8 C x H x W images with a per-(seed, epoch, index) seed."""
+
+    def __init__(self, base: Dataset, transform, seed: int) -> None:
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        x, y = self.base[i]
+        x = torch.as_tensor(x)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, i))
+                x = self.transform(x)
+        return x, int(y)
+
+
+def torchvision_transform(augment: Optional[AugmentConfig], image_size: Tuple[int, int]):
+    """The torchvision (v2) equivalent of :func:`augment_batch` minus normalisation (uint8 in, uint8 out)."""
+    from torchvision.transforms import v2
+
+    if augment is None:
+        return None
+    ops = []
+    if augment.crop_padding > 0:
+        ops.append(v2.RandomCrop(image_size, padding=augment.crop_padding))
+    if augment.flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if augment.color_jitter > 0:
+        s = augment.color_jitter
+        ops.append(v2.ColorJitter(s, s, s))
+    return v2.Compose(ops) if ops else None
+
+
+class TorchLoader:
+    """A standard ``DataLoader`` over a map-style dataset yielding (uint8 C x H x W image, label).
+
+    Augmentation runs per sample in the workers (torchvision transforms, seeded per sample and epoch);
+    normalisation runs batch-wise on ``device``. ``world_size > 1``: training uses ``DistributedSampler``
+    (shuffle, drop_last), evaluation gives each rank a contiguous shard.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, train: bool, device: Union[torch.device, str],
+                 mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentConfig],
+                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: Optional[bool] = None, num_workers: int = 2) -> None:
+        self.device = torch.device(device)
+        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self.num_workers, self.channels_last = int(num_workers), channels_last
+        self.mean, self.std = _stats(mean, std, self.device)
+        transform = None
+        if self.train and augment is not None and len(dataset) > 0:  # type: ignore[arg-type]
+            first = torch.as_tensor(dataset[0][0])
+            transform = torchvision_transform(augment, tuple(first.shape[-2:]))
+        self.data = _Augmented(dataset, transform, self.seed)
+        self.sampler: Optional[DistributedSampler] = None
+        if self.train and self.world_size > 1:
+            self.sampler = DistributedSampler(self.data, num_replicas=self.world_size, rank=self.rank,
+                                              shuffle=True, seed=self.seed, drop_last=True)
+        self.source: Dataset = self.data
+        if not self.train and self.world_size > 1:
+            self.source = Subset(self.data, _eval_shard(len(self.data), self.rank, self.world_size).tolist())
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = self.data.epoch = int(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sampler) if self.sampler is not None else len(self.source)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        m = self.num_samples
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def _loader(self) -> DataLoader:
+        sampler = self.sampler
+        if self.train and sampler is None:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            sampler = RandomSampler(self.source, generator=gen)
+        return DataLoader(self.source, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+                          num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1)))
+
+    def __iter__(self) -> Iterator[Batch]:
+        for x, y in self._loader():
+            x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def make_loader(dataset: Union[ArrayDataset, Dataset], batch_size: int, *, train: bool,
+                device: Union[torch.device, str], mean: Sequence[float], std: Sequence[float],
+                augment: Optional[AugmentConfig], channels_last: bool = False, seed: int = 0, rank: int = 0,
+                world_size: int = 1, drop_last: Optional[bool] = None, num_workers: int = 2,
+                gpu_resident: bool = True) -> Union[GPULoader, TorchLoader]:
+    """A :class:`GPULoader` for an :class:`ArrayDataset` (unless ``gpu_resident=False``), else a
+    :class:`TorchLoader`. ``drop_last=None`` means True for training and False for evaluation;
+    ``augment`` is ignored when ``train=False``."""
+    kwargs = dict(train=train, device=device, mean=mean, std=std, augment=augment, channels_last=channels_last,
+                  seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+    if isinstance(dataset, ArrayDataset) and gpu_resident:
+        return GPULoader(dataset, batch_size, **kwargs)
+    return TorchLoader(dataset, batch_size, num_workers=num_workers, **kwargs)
