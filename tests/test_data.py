@@ -36,6 +36,15 @@ COARSE_NAMES = [f"coarse{i}" for i in range(20)]
 FINE_TO_COARSE = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 5))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: a single intra-op thread avoids thread-pool contention on busy 2-core machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_cifar100(n: int, seed: int):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -370,3 +379,16 @@ def test_image_folder_and_torch_loader(tmp_path):
     shards = [torch.cat([y for _, y in make_loader(b.train, 2, rank=r, world_size=2, drop_last=False, **kw)])
               for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_loader_on_cuda_matches_cpu_eval():
+    ds = ArrayDataset(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50) % 10)
+    kw = dict(train=False, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), augment=None)
+    cpu = torch.cat([x for x, _ in make_loader(ds, 16, device="cpu", **kw)])
+    gpu = torch.cat([x for x, _ in make_loader(ds, 16, device="cuda", **kw)])
+    assert gpu.is_cuda and torch.allclose(cpu, gpu.cpu(), atol=1e-6)
+    aug = AugmentConfig(crop_padding=2, flip=True, color_jitter=0.3)
+    runs = [[x for x, _ in make_loader(ds, 16, train=True, device="cuda", mean=kw["mean"], std=kw["std"], augment=aug)]
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and runs[0][0].shape == (16, 3, 8, 8)

@@ -522,9 +522,12 @@ def _subset(ds: Any, n: Optional[int]) -> Any:
     return ds.subset(torch.arange(n)) if hasattr(ds, "subset") else torch.utils.data.Subset(ds, range(n))
 
 
-def compute_mean_std(ds: Any, max_samples: int = 20000) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units (over at most ``max_samples`` evenly spaced images)."""
+def compute_mean_std(ds: Any, max_samples: Optional[int] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units over evenly spaced images of ``ds``: all images of an
+    :class:`ArrayDataset`, at most 2000 of a lazily loaded dataset (unless ``max_samples`` says otherwise)."""
     n = len(ds)
+    if max_samples is None:
+        max_samples = n if isinstance(ds, ArrayDataset) else 2000
     idx = torch.linspace(0, n - 1, min(n, max_samples)).round().long().unique()
     if isinstance(ds, ArrayDataset):
         s = s2 = 0.0

@@ -116,6 +116,7 @@ class GPULoader:
                  drop_last: Optional[bool] = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.dataset = dataset
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device, non_blocking=True)
         self.labels = dataset.labels.to(self.device, non_blocking=True)
@@ -219,6 +220,7 @@ class TorchLoader:
         if self.train and augment is not None and len(dataset) > 0:  # type: ignore[arg-type]
             first = torch.as_tensor(dataset[0][0])
             transform = torchvision_transform(augment, tuple(first.shape[-2:]))
+        self.dataset = dataset
         self.data = _Augmented(dataset, transform, self.seed)
         self.sampler: Optional[DistributedSampler] = None
         if self.train and self.world_size > 1:
