@@ -1,0 +1,143 @@
+"""RetinaNet with MoE heads: every variant trains (finite loss, all trainable parameters get gradients),
+routing is recorded per FPN level, detections are attributed to experts, weights load into experts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecnn
+from moecnn import create_model, routing_override
+from moecnn.models.retinanet import MoERetinaNet, _MoEHeadMixin
+from moecnn.registry import CONSTRAINTS, GATES, LOSSES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny CPU models run much faster on one thread (and do not fight parallel test workers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = dict(num_classes=4, min_size=64, max_size=64, fpn_channels=32, head_convs=1, num_experts=3, k=2)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
+    targets = [
+        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([2, 3])},
+    ]
+    return images, targets
+
+
+def _train_step(model):
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total), losses
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+    return losses
+
+
+LEVEL_GATES = [g for g in GATES.names() if g != "spatial"]
+
+
+@pytest.mark.parametrize("heads", ["both", "cls", "reg"])
+@pytest.mark.parametrize("routing", ["level", "anchor"])
+def test_heads_and_routing(heads, routing):
+    torch.manual_seed(0)
+    model = create_model("retinanet_resnet18_fpn_moe", moe_heads=heads, routing=routing, **SMALL)
+    losses = _train_step(model)
+    assert set(losses) == {"classification", "bbox_regression", "aux"}
+    recs = model.head.level_records
+    assert set(recs) == {"both": {"cls", "reg"}, "cls": {"cls"}, "reg": {"reg"}}[heads]
+    for key, per_level in recs.items():
+        assert len(per_level) == 5  # P3..P7
+        for r in per_level:
+            assert r.weights.shape[:2] == (2, 3)
+            assert r.weights.dim() == (2 if routing == "level" else 4)
+            assert torch.allclose(r.weights.sum(1), torch.ones(()), atol=1e-5)
+    # eval: detections carry levels and producing experts
+    model.eval()
+    model.score_thresh = 0.0
+    dets = model(_batch()[0])
+    d = dets[0]
+    assert len(d["boxes"]) > 0 and {"levels", "experts"} <= set(d)
+    assert d["experts"].min() >= 0 and d["experts"].max() < 3 and d["levels"].max() <= 4
+    with routing_override(model, force=1):
+        forced = model(_batch()[0])
+    assert (forced[0]["experts"] == 1).all()
+
+
+@pytest.mark.parametrize("gate", LEVEL_GATES)
+def test_level_gates(gate):
+    model = create_model("retinanet_resnet18_fpn_moe", gate=gate, **SMALL)
+    _train_step(model)
+
+
+@pytest.mark.parametrize("balance", LOSSES.names() + CONSTRAINTS.names() + [None, "kl:0.25,z_loss:0.001"])
+def test_balancing(balance):
+    model = create_model("retinanet_resnet18_fpn_moe", balance=balance, **SMALL)
+    losses = _train_step(model)
+    if balance is None or balance in CONSTRAINTS:
+        assert losses["aux"].item() == 0.0
+    if balance == "relative":  # hard-constraint state is updated in training
+        assert model.head.classification_head.moe.constraint.r.abs().sum() > 0
+
+
+def test_gate_mode_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="spatial gate"):
+        create_model("retinanet_resnet18_fpn_moe", routing="anchor", gate="gap_fc", **SMALL)
+    with pytest.raises(ValueError, match="per-image gate"):
+        create_model("retinanet_resnet18_fpn_moe", routing="level", gate="spatial", **SMALL)
+
+
+def test_dense_models_registered_and_train():
+    for name in ("retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_moe"):
+        assert name in moecnn.MODELS
+    model = create_model("retinanet_resnet18_fpn", **SMALL)
+    losses = _train_step(model)
+    assert "aux" not in losses and model.head.level_records == {}
+    assert not moecnn.moe_layers(model)
+
+
+def test_frozen_backbone_and_weights_into_experts(tmp_path):
+    torch.manual_seed(1)
+    dense = create_model("retinanet_resnet18_fpn", **SMALL)
+    path = tmp_path / "dense.pt"
+    torch.save(dense.state_dict(), path)
+    model = create_model("retinanet_resnet18_fpn_moe", weights=str(path), freeze_backbone=True, expert_noise=0.0, **SMALL)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in dense.backbone.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # BN frozen
+    sd_dense = dense.state_dict()
+    for k, v in model.backbone.state_dict().items():
+        if k in dict(dense.backbone.state_dict()) and not k.endswith("num_batches_tracked"):
+            if v.shape == sd_dense["backbone." + k].shape:
+                assert torch.equal(v, sd_dense["backbone." + k]), k
+    for e in range(3):
+        ex = model.head.classification_head.moe.experts[e]
+        assert torch.equal(ex.out.weight, dense.head.classification_head.cls_logits.weight)
+        assert torch.equal(ex.conv[0][0].weight, dense.head.classification_head.conv[0][0].weight)
+    _train_step(model)
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_analyze_attributes_gt_to_levels():
+    model = create_model("retinanet_resnet18_fpn_moe", routing="anchor", **SMALL)
+    images, targets = _batch()
+    dets, info = model.analyze(images, targets)
+    assert len(dets) == 2 and len(info["gt"]) == 2
+    g = info["gt"][1]
+    assert g["levels"].shape == (2,) and g["weights_cls"].shape == (2, 3)
+    assert torch.allclose(g["weights_cls"].sum(1), torch.ones(2), atol=1e-5)
+    # the bigger box is assigned to a coarser (or equal) level than the tiny one
+    assert g["levels"][0] >= g["levels"][1]
+    assert len(info["level_weights"]["cls"]) == 5
+    assert isinstance(model, MoERetinaNet) and isinstance(model.head.classification_head, _MoEHeadMixin)
