@@ -560,6 +560,7 @@ def build_retinanet(
     weights: Optional[str] = None,
     weights_backbone: Optional[str] = None,
     freeze_backbone: bool = False,
+    frozen_bn: Optional[bool] = None,
     trainable_backbone_layers: Optional[int] = None,
     min_size: int = 608,
     max_size: int = 1024,
@@ -589,6 +590,7 @@ def build_retinanet(
             (COCO RetinaNet R50, needs the internet). Dense head weights are copied into every expert.
         weights_backbone: local ImageNet ResNet file or ``"torchvision"`` for the backbone only.
         freeze_backbone: freeze backbone + FPN (BatchNorm frozen too), train the heads — the paper's setup.
+        frozen_bn: FrozenBatchNorm2d in the backbone (default: when pretrained weights or freeze_backbone).
         trainable_backbone_layers: when not frozen, how many ResNet stages train (0–5, default 5).
         min_size, max_size: resize (short side, long-side cap); the paper: 608 / 1024.
         anchor_sizes: base anchor size per level (default 32, 64, 128, 256, 512).
@@ -599,7 +601,8 @@ def build_retinanet(
     if arch not in ("resnet50", "resnet18"):
         raise ValueError(f"arch must be 'resnet50' or 'resnet18', got '{arch}'")
     pretrained = weights is not None or weights_backbone is not None
-    frozen_bn = pretrained or freeze_backbone
+    if frozen_bn is None:
+        frozen_bn = pretrained or freeze_backbone
     norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     body = (resnet50 if arch == "resnet50" else resnet18)(weights=None, norm_layer=norm_layer)
     if freeze_backbone:
