@@ -1,0 +1,9 @@
+"""Interpretability analyses of MoE routing (SPEC §4): ``analyze(run_dir)`` and ``report(run_dir)``.
+
+Core statistics live in :mod:`moecnn.analysis.stats` and work on plain numpy arrays; output schema:
+docs/analysis_schema.md.
+"""
+from .run import add_cli, analyze, brief, compute_accuracy, compute_routing, load_routing, report, save_routing
+
+__all__ = ["analyze", "report", "add_cli", "brief", "load_routing", "save_routing", "compute_routing",
+           "compute_accuracy"]

@@ -1,0 +1,152 @@
+"""Matplotlib figures of the routing analysis (Agg backend; every function returns PNG bytes)."""
+from __future__ import annotations
+
+import io
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+
+DPI = 100
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def image_png(img: np.ndarray) -> bytes:
+    """A uint8 H×W×3 array as PNG bytes (no axes)."""
+    buf = io.BytesIO()
+    plt.imsave(buf, np.asarray(img), format="png")
+    return buf.getvalue()
+
+
+def expert_palette(n: int) -> np.ndarray:
+    """n distinct RGB uint8 colours."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return (np.array([cmap(i % cmap.N)[:3] for i in range(n)]) * 255).astype(np.uint8)
+
+
+def bar_utilisation(util: Dict, title: str = "") -> bytes:
+    n = util["num_experts"]
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), 3))
+    wdt = 0.27
+    ax.bar(x - wdt, util["mean_importance"], wdt, label="mean importance")
+    ax.bar(x, util["top1_share"], wdt, label="top-1 share")
+    ax.bar(x + wdt, util["routed_share"], wdt, label="routed share")
+    ax.axhline(1.0 / n, color="grey", ls="--", lw=0.8, label="uniform 1/N")
+    ax.set_xticks(x, [f"E{i}" for i in x])
+    ax.set_ylabel("share of images")
+    ax.set_title(title or f"CV_imp={util['cv_imp']:.3f}  CV_act={util['cv_act']:.3f}  living {util['n_living']}/{n}")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def heatmap(mat: np.ndarray, row_names: Sequence[str], col_names: Sequence[str], title: str = "",
+            cmap: str = "viridis", annotate: Optional[bool] = None, fmt: str = ".2f",
+            xlabel: str = "expert", ylabel: str = "") -> bytes:
+    mat = np.asarray(mat, dtype=np.float64)
+    r, c = mat.shape
+    annotate = (r * c <= 400) if annotate is None else annotate
+    h = min(max(2.5, 0.18 * r + 1.2), 22)
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.55 * c + 2.5), h))
+    im = ax.imshow(mat, aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_xticks(range(c), list(col_names), fontsize=8)
+    fs = 8 if r <= 40 else 6 if r <= 110 else 4
+    ax.set_yticks(range(r), list(row_names), fontsize=fs)
+    if annotate:
+        finite = mat[np.isfinite(mat)]
+        mid = (finite.max() + finite.min()) / 2 if finite.size else 0
+        for i in range(r):
+            for j in range(c):
+                if np.isfinite(mat[i, j]):
+                    ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=7,
+                            color="white" if mat[i, j] < mid else "black")
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _png(fig)
+
+
+def null_histogram(null_max: float, null_mean: float, observed: float, title: str) -> bytes:
+    """A compact bar chart: observed score vs the permutation null's mean and max."""
+    fig, ax = plt.subplots(figsize=(4, 2.2))
+    ax.barh(["observed", "null max", "null mean"], [observed, null_max, null_mean],
+            color=["tab:red", "tab:grey", "tab:grey"])
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def epochs_plot(ev: Dict, title: str = "") -> bytes:
+    """Utilisation over training epochs: per-expert importance share and CV curves."""
+    epochs = ev["epoch"]
+    imp = [v for v in ev["importance"]]
+    share = [v for v in ev["share"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    ax = axes[0]
+    series = imp if any(v is not None for v in imp) else share
+    label = "importance share" if series is imp else "routed share"
+    pts = [(e, v) for e, v in zip(epochs, series) if v is not None]
+    if pts:
+        arr = np.array([v for _, v in pts], dtype=np.float64)
+        ep = [e for e, _ in pts]
+        for i in range(arr.shape[1]):
+            ax.plot(ep, arr[:, i], marker=".", label=f"E{i}")
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label)
+    ax = axes[1]
+    for key in ("cv_imp", "cv_act"):
+        pts = [(e, v) for e, v in zip(epochs, ev[key]) if v is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("coefficient of variation")
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def tsne_scatter(coords: np.ndarray, groups: np.ndarray, names: Sequence[str], title: str = "",
+                 max_legend: int = 20) -> bytes:
+    coords = np.asarray(coords)
+    groups = np.asarray(groups)
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    uniq = np.unique(groups)
+    cmap = plt.get_cmap("tab20" if len(uniq) > 10 else "tab10")
+    for j, g in enumerate(uniq):
+        sel = groups == g
+        ax.scatter(coords[sel, 0], coords[sel, 1], s=5, color=cmap(j % cmap.N),
+                   label=str(names[g]) if g < len(names) else str(g))
+    if len(uniq) <= max_legend:
+        ax.legend(fontsize=7, markerscale=2.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def accuracy_bars(labels: Sequence[str], values: Sequence[float], title: str, ref: Optional[float] = None) -> bytes:
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(labels) + 2), 3))
+    vals = [np.nan if v is None else 100 * v for v in values]
+    ax.bar(range(len(labels)), vals, color="tab:blue")
+    for i, v in enumerate(vals):
+        if np.isfinite(v):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    if ref is not None:
+        ax.axhline(100 * ref, color="tab:red", ls="--", lw=0.8, label="as trained")
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)

@@ -1,0 +1,637 @@
+"""``analyze(run_dir)`` writes RUN_DIR/analysis/ (summary.json + figures); ``report(run_dir)`` writes report.html.
+
+Inputs read from a run directory (each optional except a routing source):
+
+- ``config.yaml``                       task (classification / detection), model settings
+- ``eval/routing_<split>.npz``          per-image routing written by ``moecnn eval`` (see ``load_routing``)
+- ``analysis/routing_<split>.npz``      the same format, cached by ``analyze`` when it had to run the model
+- ``checkpoint.pt`` + data (via ``moecnn.train.runs.load_run``) when no routing file exists, and for images
+- ``eval/{<split>,k_sweep,forced,disabled,dense}.json``  accuracies from ``moecnn eval`` (else computed
+  with the model when it was loaded anyway)
+- ``metrics.jsonl``                     per-epoch utilisation during training
+
+Everything can also be passed as arrays (``routing=``, ``images=``, names, ``accuracy=``), so the analyses
+run without a checkpoint or the training stack. The output schema is documented in docs/analysis_schema.md.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from . import stats
+
+SCHEMA_VERSION = 1
+ROUTING_FIELDS = ("logits", "weights", "top1")
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def load_routing(src) -> Dict[str, Any]:
+    """Parse routing arrays (a dict or an ``.npz`` path) into a normalised dict.
+
+    Accepted layout (the one ``moecnn.train.evaluate.collect_routing`` writes): ``labels`` (M,), optional
+    ``preds`` (M,), ``superlabels`` (M,), ``class_names``, ``superclass_names``, ``images`` (M×C×H×W uint8),
+    ``layers`` (L,) and per layer ``<layer>/logits`` (M×N), ``<layer>/weights`` (M×N), optional
+    ``<layer>/top1``. ``logits/<layer>`` and ``<layer>.logits`` are accepted too; a file with plain ``logits``
+    / ``weights`` keys is one layer named ``moe``. Per-pixel (spatial) routing M×N×H×W is averaged over
+    pixels to per-image routing. Returns {"labels", "layers": {name: {"logits", "weights"}}, ...extras}.
+    """
+    if isinstance(src, (str, Path)):
+        with np.load(src, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    else:
+        data = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in dict(src).items()}
+    if "labels" not in data:
+        raise ValueError("routing arrays need 'labels' (one class id per image)")
+    layers: Dict[str, Dict[str, np.ndarray]] = {}
+    for key, val in data.items():
+        for f in ("logits", "weights"):
+            name = None
+            if key == f:
+                name = "moe"
+            elif key.endswith(f) and key[-len(f) - 1] in "/.:_":
+                name = key[: -len(f) - 1]
+            elif key.startswith(f) and len(key) > len(f) and key[len(f)] in "/.:_":
+                name = key[len(f) + 1:]
+            if name is not None:
+                layers.setdefault(name, {})[f] = np.asarray(val, dtype=np.float32)
+    order = [str(s) for s in data.get("layers", [])] if "layers" in data else []
+    names = [n for n in order if n in layers] + [n for n in layers if n not in order]
+    out_layers = {}
+    for n in names:
+        d = layers[n]
+        if "weights" not in d:
+            if "logits" not in d:
+                continue
+            raise ValueError(f"routing for layer '{n}' has logits but no sparse 'weights'")
+        w = d["weights"]
+        lg = d.get("logits")
+        spatial = w.ndim == 4
+        if spatial:  # B×N×H×W -> per-image mean routing
+            w = w.mean((2, 3))
+            lg = lg.mean((2, 3)) if lg is not None else None
+        if lg is None:
+            lg = np.log(np.clip(w, 1e-6, None))
+        out_layers[n] = {"logits": lg, "weights": w, "spatial": spatial}
+    if not out_layers:
+        raise ValueError("no per-layer routing found (expected keys '<layer>/weights' and '<layer>/logits')")
+    res = {"labels": np.asarray(data["labels"]).astype(np.int64).reshape(-1), "layers": out_layers}
+    for k in ("preds", "superlabels", "images", "class_names", "superclass_names", "class_to_super", "indices"):
+        if k in data:
+            res[k] = data[k]
+    m = res["labels"].shape[0]
+    for n, d in out_layers.items():
+        if d["weights"].shape[0] != m:
+            raise ValueError(f"layer '{n}': {d['weights'].shape[0]} routing rows but {m} labels")
+    return res
+
+
+def save_routing(path, routing: Mapping[str, Any]) -> None:
+    """Write normalised routing (from :func:`load_routing` or :func:`compute_routing`) as ``.npz``."""
+    arrays = {"labels": np.asarray(routing["labels"]), "layers": np.array(list(routing["layers"]), dtype=str)}
+    for n, d in routing["layers"].items():
+        arrays[f"{n}/logits"] = d["logits"]
+        arrays[f"{n}/weights"] = d["weights"]
+        arrays[f"{n}/top1"] = stats.top1(d["weights"], d["logits"])
+    for k in ("preds", "superlabels"):
+        if routing.get(k) is not None:
+            arrays[k] = np.asarray(routing[k])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def _norm_input(images, mean, std):
+    import torch
+
+    x = torch.as_tensor(np.asarray(images)).float() / 255.0
+    if mean is not None and std is not None:
+        m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        x = (x - m) / s
+    return x
+
+
+def _batches(images, labels, batch_size, mean, std):
+    for i in range(0, len(images), batch_size):
+        yield _norm_input(images[i:i + batch_size], mean, std), np.asarray(labels[i:i + batch_size])
+
+
+def compute_routing(model, images: np.ndarray, labels: np.ndarray, mean=None, std=None, batch_size: int = 500,
+                    device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
+    """Run ``model`` (eval mode, current routing controls) over uint8 ``images`` and collect routing + preds."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..layers import moe_layers, routing as get_routing
+
+    was = model.training
+    model.eval()
+    names = list(moe_layers(model))
+    acc: Dict[str, List] = {n: {"logits": [], "weights": []} for n in names}
+    preds = []
+    with torch.no_grad():
+        for x, _ in tqdm(_batches(images, labels, batch_size, mean, std), total=-(-len(images) // batch_size),
+                         desc="routing", disable=not progress, leave=False):
+            out = model(x.to(device))
+            preds.append(out.argmax(1).cpu().numpy())
+            recs = get_routing(model)
+            for n in names:
+                acc[n]["logits"].append(recs[n].logits.float().cpu().numpy())
+                acc[n]["weights"].append(recs[n].weights.float().cpu().numpy())
+    model.train(was)
+    layers = {}
+    for n in names:
+        w = np.concatenate(acc[n]["weights"])
+        lg = np.concatenate(acc[n]["logits"])
+        spatial = w.ndim == 4
+        if spatial:
+            w, lg = w.mean((2, 3)), lg.mean((2, 3))
+        layers[n] = {"logits": lg, "weights": w, "spatial": spatial}
+    return {"labels": np.asarray(labels).astype(np.int64), "preds": np.concatenate(preds) if preds else None,
+            "layers": layers}
+
+
+def _accuracy_from_preds(preds, labels, n_classes, class_to_super) -> Dict:
+    """Eval-format accuracy (percent): top1, per_class, per_superclass."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    correct = (preds == labels).astype(np.float64)
+    tot = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    hit = np.bincount(labels, weights=correct, minlength=n_classes)
+    res = {"top1": float(100 * correct.mean()) if correct.size else None,
+           "per_class": [float(100 * h / t) if t else None for h, t in zip(hit, tot)], "images": int(labels.size)}
+    if class_to_super is not None:
+        sup = np.asarray(class_to_super, dtype=np.int64)
+        ns = int(sup.max()) + 1
+        st = np.bincount(sup, weights=tot, minlength=ns)
+        sh = np.bincount(sup, weights=hit, minlength=ns)
+        res["per_superclass"] = [float(100 * h / t) if t else None for h, t in zip(sh, st)]
+    return res
+
+
+def compute_accuracy(model, images, labels, n_classes, class_to_super=None, mean=None, std=None,
+                     layer: Optional[str] = None, batch_size: int = 500, device: str = "cpu",
+                     progress: bool = True) -> Dict:
+    """Accuracy suite with the model: default, every test-time k, each expert forced alone, each removed."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..layers import moe_layers, routing_override
+
+    layers = moe_layers(model)
+    if layer is not None:
+        layers = {layer: layers[layer]}
+    first = next(iter(layers.values()))
+    n, k_train = first.num_experts, first.k
+    settings = [("default", None, {})]
+    settings += [("k_sweep", str(k), {"k": k}) for k in range(1, n + 1)]
+    settings += [("forced", str(i), {"force": i}) for i in range(n)]
+    if n > 1:
+        settings += [("disabled", str(i), {"disabled": [i], "k": min(k_train, n - 1)}) for i in range(n)]
+    res: Dict[str, Any] = {"source": "computed with the model", "layer_controls": layer or "all layers"}
+    was = model.training
+    model.eval()
+    for group, key, controls in tqdm(settings, desc="accuracy", disable=not progress, leave=False):
+        preds = []
+        import contextlib
+
+        ctx = routing_override(model, layer=layer, **controls) if controls else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            for x, _ in _batches(images, labels, batch_size, mean, std):
+                preds.append(model(x.to(device)).argmax(1).cpu().numpy())
+        acc = _accuracy_from_preds(np.concatenate(preds), labels, n_classes, class_to_super)
+        if key is None:
+            res[group] = acc
+        else:
+            res.setdefault(group, {})[key] = acc
+    model.train(was)
+    return res
+
+
+def read_eval_accuracy(run_dir: Path, split: str = "test") -> Optional[Dict]:
+    """Accuracy suite from ``moecnn eval`` output (RUN_DIR/eval/*.json), or None."""
+    ev = Path(run_dir) / "eval"
+    if not (ev / f"{split}.json").is_file():
+        return None
+    keep = ("top1", "top5", "per_class", "per_superclass", "images", "loss")
+    out: Dict[str, Any] = {"source": str(ev)}
+    d = json.loads((ev / f"{split}.json").read_text())
+    out["default"] = {k: d[k] for k in keep if k in d}
+    for name in ("k_sweep", "forced", "disabled", "dense"):
+        f = ev / f"{name}.json"
+        if not f.is_file():
+            continue
+        r = json.loads(f.read_text()).get("results", {})
+        if name == "dense":
+            out[name] = {k: r[k] for k in keep if k in r}
+        else:
+            out[name] = {s: {k: v[k] for k in keep if k in v} for s, v in r.items()}
+    return out
+
+
+def _read_config(run_dir: Path) -> Dict:
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return {}
+    try:
+        import yaml
+
+        return yaml.safe_load(f.read_text()) or {}
+    except Exception:  # pragma: no cover - malformed config
+        return {}
+
+
+def _read_metrics(run_dir: Path) -> List[Dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    recs = []
+    for line in f.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return recs
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name or "moe").strip("_") or "moe"
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path.name
+
+
+def _super_from_labels(labels, superlabels, n_classes) -> Optional[List[int]]:
+    c2s = np.full(n_classes, -1, dtype=np.int64)
+    c2s[np.asarray(labels)] = np.asarray(superlabels)
+    return c2s.tolist() if (c2s >= 0).all() else None
+
+
+# ----------------------------------------------------------------------------------------- analyze
+def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne: int = 2000, n_perm: int = 200,
+            device: str = "cpu", *, routing=None, images=None, labels=None, class_names: Optional[Sequence[str]] = None,
+            superclass_names: Optional[Sequence[str]] = None, class_to_super: Optional[Sequence[int]] = None,
+            accuracy: Optional[Dict] = None, model=None, seed: int = 0, n_extreme: int = 8,
+            compute_accuracy_with_model: bool = True, progress: bool = True) -> Dict:
+    """Run every routing analysis of SPEC §4 and write RUN_DIR/analysis/{summary.json, figures/*.png}.
+
+    Args:
+        run_dir: run directory (created if it does not exist).
+        split: which split's routing to analyse ("test" or "val").
+        layer: analyse only this MoE layer (default: every MoE layer, one section each).
+        max_tsne: t-SNE on at most this many images (stratified, seeded subsample).
+        n_perm: label permutations for the specialisation null.
+        device: where the model runs when routing has to be computed.
+        routing: precomputed routing (dict or .npz path, see :func:`load_routing`) instead of the run's files.
+        images: uint8 M×C×H×W images aligned with the routing rows (for thumbnails; else taken from the
+            routing file's ``images`` or the run's data).
+        class_names, superclass_names, class_to_super: label names / class → superclass map.
+        accuracy: accuracy suite in ``moecnn eval`` format (else read from RUN_DIR/eval or computed).
+        labels: class ids of ``images`` (with ``model``: routing is computed from the model, no run files needed).
+        model: an already-built model (with ``images`` and ``labels``) to compute routing / accuracy from.
+    Returns the summary dict (also written to RUN_DIR/analysis/summary.json).
+    """
+    from tqdm.auto import tqdm
+
+    from . import figures as figs
+    from .tsne import subsample, thumbnail_canvas, tsne_embed, montage
+
+    t_start = time.perf_counter()
+    timing: Dict[str, float] = {}
+    run_dir = Path(run_dir)
+    out = run_dir / "analysis"
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _read_config(run_dir)
+    task = str(cfg.get("task", "classification")) if isinstance(cfg, dict) else "classification"
+    notes: List[str] = []
+    summary: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "run_dir": str(run_dir), "split": split,
+                               "task": task, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if task == "detection" and routing is None:
+        summary.update({"layers": [], "per_layer": {}, "notes": [
+            "detection run: the analyses are the detection sections of the report "
+            "(moecnn.analysis.detection.detection_report_sections)"]})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    bundle = None
+    mean = std = None
+    steps = tqdm(total=8, desc="analyze", disable=not progress)
+
+    def _load_model():
+        nonlocal model, bundle, mean, std
+        if model is not None and bundle is not None:
+            return
+        from ..train.runs import load_run
+
+        m, _cfg, b = load_run(run_dir, which="last", device=device)
+        model = model or m
+        bundle = b
+        mean, std = getattr(b, "mean", None), getattr(b, "std", None)
+
+    # ---- routing
+    t0 = time.perf_counter()
+    source = None
+    if routing is not None:
+        rt = load_routing(routing)
+        source = str(routing) if isinstance(routing, (str, Path)) else "arrays passed to analyze()"
+    elif model is not None and images is not None and labels is not None:
+        rt = compute_routing(model, images, np.asarray(labels), mean, std, device=device, progress=progress)
+        source = "computed with the model passed to analyze()"
+    else:
+        for f in (run_dir / "eval" / f"routing_{split}.npz", out / f"routing_{split}.npz"):
+            if f.is_file():
+                rt, source = load_routing(f), str(f)
+                break
+        else:
+            if model is None or images is None:
+                _load_model()
+            ds = getattr(bundle, split, None) if bundle is not None else None
+            if images is None:
+                if ds is None:
+                    raise ValueError(f"no routing file and no '{split}' data for {run_dir}")
+                images = np.asarray(ds.images)
+                labels_arr = np.asarray(ds.labels)
+            else:
+                raise ValueError("images without labels: pass labels= or routing= (with labels)")
+            rt = compute_routing(model, images, labels_arr, mean, std, device=device, progress=progress)
+            save_routing(out / f"routing_{split}.npz", rt)
+            source = f"computed with the model ({out / f'routing_{split}.npz'})"
+    labels = rt["labels"]
+    m_img = labels.shape[0]
+    timing["routing"] = time.perf_counter() - t0
+    steps.update(1)
+
+    # ---- names and images
+    if images is None and "images" in rt:
+        images = rt["images"]
+    if images is None or class_names is None:
+        try:
+            if bundle is None and (run_dir / "config.yaml").is_file():
+                from ..data import build_data
+                from ..train.config import TrainConfig, load_config
+                from ..train.runs import load_config_file
+
+                tcfg = load_config(schema=TrainConfig, base=load_config_file(run_dir))
+                bundle = build_data(tcfg.data)
+                mean, std = bundle.mean, bundle.std
+        except Exception as e:  # data not available here: analyses without thumbnails
+            notes.append(f"run data not loaded ({type(e).__name__}: {e}); image figures need it")
+    if bundle is not None:
+        ds = getattr(bundle, split, None)
+        if images is None and ds is not None and len(ds) == m_img:
+            if np.array_equal(np.asarray(ds.labels), labels):
+                images = np.asarray(ds.images)
+            else:
+                notes.append(f"the run's {split} labels do not match the routing file; no thumbnails")
+        class_names = class_names or list(bundle.class_names)
+        superclass_names = superclass_names or (list(bundle.superclass_names) if bundle.superclass_names else None)
+        class_to_super = class_to_super or (list(bundle.class_to_super) if bundle.class_to_super else None)
+    if class_names is None and "class_names" in rt:
+        class_names = [str(s) for s in rt["class_names"]]
+    if superclass_names is None and "superclass_names" in rt and len(rt["superclass_names"]):
+        superclass_names = [str(s) for s in rt["superclass_names"]]
+    n_classes = max(int(labels.max()) + 1 if m_img else 0, len(class_names or []))
+    if class_names is None:
+        class_names = [f"class {i}" for i in range(n_classes)]
+    if class_to_super is None and "class_to_super" in rt:
+        class_to_super = [int(v) for v in rt["class_to_super"]]
+    if class_to_super is None and "superlabels" in rt:
+        class_to_super = _super_from_labels(labels, rt["superlabels"], n_classes)
+    superlabels = np.asarray(class_to_super, dtype=np.int64)[labels] if class_to_super is not None else None
+    if superlabels is not None and superclass_names is None:
+        superclass_names = [f"superclass {i}" for i in range(int(np.max(class_to_super)) + 1)]
+    if images is not None and len(images) != m_img:
+        notes.append(f"{len(images)} images but {m_img} routing rows; no thumbnails")
+        images = None
+    summary.update({"n_images": int(m_img), "class_names": list(class_names),
+                    "superclass_names": list(superclass_names) if superclass_names else None,
+                    "class_to_super": list(map(int, class_to_super)) if class_to_super is not None else None,
+                    "sources": {"routing": source}})
+    steps.update(1)
+
+    # ---- layers
+    layer_names = list(rt["layers"])
+    if layer is not None:
+        if layer not in rt["layers"]:
+            raise ValueError(f"no MoE layer named '{layer}' in the routing; layers: {', '.join(layer_names)}")
+        layer_names = [layer]
+    summary["layers"] = layer_names
+    per_layer: Dict[str, Dict] = {}
+    tsne_idx = subsample(m_img, max_tsne, seed, labels=labels)
+    for name in layer_names:
+        d = rt["layers"][name]
+        w, lg = d["weights"].astype(np.float64), d["logits"]
+        n_exp = w.shape[1]
+        slug = _slug(name)
+        L: Dict[str, Any] = {"num_experts": int(n_exp), "spatial_averaged": bool(d.get("spatial", False))}
+        figures: Dict[str, str] = {}
+        expert_names = [f"E{i}" for i in range(n_exp)]
+        t0 = time.perf_counter()
+        util = stats.utilisation(w, lg)
+        L["utilisation"] = util
+        figures["utilisation"] = _write(fig_dir / f"{slug}_utilisation.png", figs.bar_utilisation(util))
+        if n_exp >= 2:
+            co = stats.coactivation(w, lg)
+            L["coactivation"] = {"counts": co.tolist(), "top_pairs": stats.top_pairs(co, m_img)}
+            figures["coactivation"] = _write(fig_dir / f"{slug}_coactivation.png", figs.heatmap(
+                co, expert_names, expert_names, "images whose top-2 experts are {row, column}", cmap="Blues",
+                fmt=".0f", ylabel="expert"))
+        chosen = stats.top1(w, lg)
+        # class / superclass matrices
+        mat, counts = stats.group_expert_matrix(w, labels, n_classes)
+        tops = stats.top_groups_per_expert(mat, class_names, n=5)
+        L["class_expert"] = {"matrix": np.where(np.isfinite(mat), mat, None).tolist(), "counts": counts.tolist(),
+                             "top": tops, "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(tops)]}
+        figures["class_expert"] = _write(fig_dir / f"{slug}_class_expert.png", figs.heatmap(
+            mat, class_names, expert_names, "mean gate weight per class", ylabel="class"))
+        if superlabels is not None:
+            ns = len(superclass_names)
+            smat, scounts = stats.group_expert_matrix(w, superlabels, ns)
+            stops = stats.top_groups_per_expert(smat, superclass_names, n=3)
+            L["superclass_expert"] = {"matrix": np.where(np.isfinite(smat), smat, None).tolist(),
+                                      "counts": scounts.tolist(), "top": stops,
+                                      "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(stops)]}
+            figures["superclass_expert"] = _write(fig_dir / f"{slug}_superclass_expert.png", figs.heatmap(
+                smat, superclass_names, expert_names, "mean gate weight per superclass", ylabel="superclass"))
+        steps.update(1) if name == layer_names[0] else None
+        # specialisation
+        spec = {"class": stats.specialisation(chosen, labels, n_perm=n_perm, seed=seed, n_labels=n_classes)}
+        if superlabels is not None:
+            spec["superclass"] = stats.specialisation(chosen, superlabels, n_perm=n_perm, seed=seed,
+                                                      n_labels=len(superclass_names))
+        L["specialisation"] = spec
+        timing[f"{name}/stats"] = time.perf_counter() - t0
+        steps.update(1) if name == layer_names[0] else None
+        # extremes
+        ext = stats.extreme_images(w, n_extreme)
+        L["extreme_images"] = {
+            "most": ext["most"], "least": ext["least"],
+            "most_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["most"])],
+            "least_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["least"])],
+            "most_labels": [[class_names[labels[i]] for i in ids] for ids in ext["most"]],
+            "least_labels": [[class_names[labels[i]] for i in ids] for ids in ext["least"]],
+        }
+        if images is not None:
+            for kind in ("most", "least"):
+                for e, ids in enumerate(ext[kind]):
+                    figures[f"{kind}_E{e}"] = _write(fig_dir / f"{slug}_{kind}_E{e}.png",
+                                                      figs.image_png(montage(images[ids], cols=n_extreme)))
+        # t-SNE of raw gate logits
+        t0 = time.perf_counter()
+        coords = tsne_embed(lg[tsne_idx], seed=seed)
+        timing[f"{name}/tsne"] = time.perf_counter() - t0
+        steps.update(1) if name == layer_names[0] else None
+        L["tsne"] = {"n_points": int(len(tsne_idx)), "seed": int(seed), "input": "raw gate logits",
+                     "indices": tsne_idx.tolist(), "coords": np.round(coords, 4).tolist()}
+        if superlabels is not None:
+            figures["tsne_superclass"] = _write(fig_dir / f"{slug}_tsne_superclass.png", figs.tsne_scatter(
+                coords, superlabels[tsne_idx], superclass_names, "t-SNE of gate logits, coloured by superclass"))
+        figures["tsne_class"] = _write(fig_dir / f"{slug}_tsne_class.png", figs.tsne_scatter(
+            coords, labels[tsne_idx], class_names, "t-SNE of gate logits, coloured by class"))
+        figures["tsne_expert"] = _write(fig_dir / f"{slug}_tsne_expert.png", figs.tsne_scatter(
+            coords, chosen[tsne_idx], expert_names, "t-SNE of gate logits, coloured by chosen expert"))
+        if images is not None:
+            t0 = time.perf_counter()
+            pal = figs.expert_palette(n_exp)
+            sub_imgs = images[tsne_idx]
+            figures["tsne_thumbnails"] = _write(fig_dir / f"{slug}_tsne_thumbnails.png", figs.image_png(
+                thumbnail_canvas(coords, sub_imgs, grid=30, borders=chosen[tsne_idx], palette=pal)))
+            for e in range(n_exp):
+                sel = chosen[tsne_idx] == e
+                figures[f"tsne_E{e}"] = _write(fig_dir / f"{slug}_tsne_E{e}.png", figs.image_png(
+                    thumbnail_canvas(coords[sel], sub_imgs[sel], grid=18) if sel.any()
+                    else np.full((32, 32, 3), 255, np.uint8)))
+            timing[f"{name}/thumbnails"] = time.perf_counter() - t0
+        steps.update(1) if name == layer_names[0] else None
+        L["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
+        per_layer[name] = L
+    summary["per_layer"] = per_layer
+
+    # ---- accuracy
+    t0 = time.perf_counter()
+    acc = accuracy
+    acc_layer_note = None
+    if acc is None:
+        acc = read_eval_accuracy(run_dir, split)
+    if acc is None and compute_accuracy_with_model and (model is not None or (run_dir / "checkpoint.pt").is_file()):
+        try:
+            if model is None or (images is None and bundle is None):
+                _load_model()
+            ds = getattr(bundle, split, None) if bundle is not None else None
+            img_acc = images if images is not None else (np.asarray(ds.images) if ds is not None else None)
+            if img_acc is not None:
+                acc = compute_accuracy(model, img_acc, labels, n_classes, class_to_super, mean, std, layer=layer,
+                                       device=device, progress=progress)
+        except Exception as e:
+            notes.append(f"accuracy not computed ({type(e).__name__}: {e})")
+    if acc is None and rt.get("preds") is not None:
+        acc = {"source": "predictions in the routing file", "default": _accuracy_from_preds(
+            rt["preds"], labels, n_classes, class_to_super)}
+    if acc is not None:
+        acc = dict(acc)
+        afig = {}
+        for group, title in (("k_sweep", "accuracy vs test-time k"), ("forced", "each expert forced alone"),
+                             ("disabled", "each expert removed")):
+            if acc.get(group):
+                keys = list(acc[group])
+                lab = [f"k={k}" if group == "k_sweep" else f"E{k}" for k in keys]
+                afig[group] = "figures/" + _write(fig_dir / f"accuracy_{group}.png", figs.accuracy_bars(
+                    lab, [acc[group][k].get("top1") for k in keys], title,
+                    ref=(acc.get("default") or {}).get("top1")))
+        acc["figures"] = afig
+    summary["accuracy"] = acc
+    timing["accuracy"] = time.perf_counter() - t0
+    steps.update(1)
+
+    # ---- utilisation over training
+    ev = stats.epoch_utilisation(_read_metrics(run_dir))
+    train_figs = {}
+    for name, d in ev.items():
+        if layer is not None and name != layer:
+            continue
+        train_figs[name] = "figures/" + _write(fig_dir / f"{_slug(name)}_epochs.png",
+                                               figs.epochs_plot(d, f"utilisation during training: {name}"))
+    summary["training"] = {"per_layer": {k: v for k, v in ev.items() if layer is None or k == layer},
+                           "figures": train_figs} if ev else None
+    steps.update(1)
+    steps.close()
+    timing["total"] = time.perf_counter() - t_start
+    summary["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+    summary["notes"] = notes
+    summary["params"] = {"max_tsne": int(max_tsne), "n_perm": int(n_perm), "seed": int(seed),
+                         "living_threshold": stats.LIVING_THRESHOLD, "n_extreme": int(n_extreme)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def brief(summary: Dict) -> str:
+    """A few human-readable lines of a summary (what the CLI prints)."""
+    lines = [f"analysis of {summary.get('run_dir')} ({summary.get('task')}, {summary.get('n_images', 0)} images)"]
+    for name, L in summary.get("per_layer", {}).items():
+        u = L["utilisation"]
+        lines.append(f"[{name}] importance {', '.join(f'{v:.3f}' for v in u['mean_importance'])}; CV_imp "
+                     f"{u['cv_imp']:.3f}; CV_act {u['cv_act']:.3f}; living {u['n_living']}/{u['num_experts']}")
+        for lvl, s in L["specialisation"].items():
+            lines.append(f"  NMI(top-1 expert, {lvl}) = {s['nmi']:.3f} (null max {s['nmi_null_max']:.3f}, "
+                         f"p = {s['nmi_p']:.4f}); purity {s['purity']:.3f} (p = {s['purity_p']:.4f})")
+        top = (L.get("superclass_expert") or L["class_expert"])["top_text"]
+        lines += ["  " + t for t in top]
+    lines.append(f"written to {Path(summary.get('run_dir', '.')) / 'analysis' / 'summary.json'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- report
+def report(run_dir) -> Path:
+    """Write RUN_DIR/report.html (one self-contained file; runs :func:`analyze` first when needed)."""
+    from .report import write_report
+
+    run_dir = Path(run_dir)
+    f = run_dir / "analysis" / "summary.json"
+    if not f.is_file():
+        analyze(run_dir)
+    return write_report(run_dir)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    """Register the ``analyze`` and ``report`` verbs on an argparse subparsers object."""
+    a = subparsers.add_parser("analyze", help="routing analyses of a run -> RUN_DIR/analysis/")
+    a.add_argument("run_dir")
+    a.add_argument("--split", default="test", choices=["test", "val"])
+    a.add_argument("--layer", help="MoE layer name (default: every MoE layer)")
+    a.add_argument("--max-tsne", type=int, default=2000, help="t-SNE subsample size (default 2000)")
+    a.add_argument("--n-perm", type=int, default=200, help="label permutations for p-values (default 200)")
+    a.add_argument("--device", default="cpu")
+    a.set_defaults(func=_cmd_analyze)
+    r = subparsers.add_parser("report", help="self-contained HTML report -> RUN_DIR/report.html")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_cmd_report)
+
+
+def _cmd_analyze(args) -> int:
+    s = analyze(args.run_dir, split=args.split, layer=args.layer, max_tsne=args.max_tsne, n_perm=args.n_perm,
+                device=args.device)
+    print(brief(s))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    print(f"report written to {report(args.run_dir)}")
+    return 0
