@@ -1,0 +1,141 @@
+"""COCO evaluation (both backends), size-bucket statistics on hand-made cases, and a tiny end-to-end
+detection run: train → resume → eval (per k, per forced expert) → size analysis → report sections."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moecnn.analysis.detection import detection_report_sections, size_expert_independence, usage_table
+from moecnn.data.coco import CocoDetection, coco_evaluate
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+COCO = DATA / "coco_subset"
+needs_coco = pytest.mark.skipif(
+    not (COCO / "annotations" / "instances_val2017_subset.json").is_file(),
+    reason=f"COCO subset not found at {COCO} (shared data folder absent)",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def coco_val():
+    return CocoDetection(COCO / "annotations" / "instances_val2017_subset.json", COCO / "images" / "val2017")
+
+
+@needs_coco
+def test_gt_as_detections_scores_one(coco_val):
+    gt = coco_val.subset_gt()
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt["annotations"] if not a["iscrowd"]]
+    for backend in ("faster", "pycocotools"):
+        m = coco_evaluate(gt, dets, backend=backend)
+        for key in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"):
+            assert m[key] == pytest.approx(1.0), (backend, key, m)
+
+
+@needs_coco
+def test_backends_agree_on_noisy_detections(coco_val):
+    gt = coco_val.subset_gt()
+    rng = np.random.default_rng(0)
+    cats = [c["id"] for c in gt["categories"]]
+    dets = []
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        j = rng.normal(0, 0.15, 4) * [w, h, w, h]
+        cat = a["category_id"] if rng.random() > 0.2 else int(rng.choice(cats))
+        dets.append({"image_id": a["image_id"], "category_id": cat,
+                     "bbox": [x + j[0], y + j[1], max(1.0, w + j[2]), max(1.0, h + j[3])], "score": float(rng.random())})
+    fast = coco_evaluate(gt, dets, backend="faster")
+    ref = coco_evaluate(gt, dets, backend="pycocotools")
+    assert 0.05 < ref["AP"] < 0.95
+    for key in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"):
+        assert fast[key] == pytest.approx(ref[key], abs=2e-3), key
+
+
+def test_size_test_known_answers():
+    rng = np.random.default_rng(0)
+    buckets = rng.integers(0, 3, 300)
+    # expert 0 takes every small object, the others share the rest: strongly dependent
+    experts = np.where(buckets == 0, 0, rng.integers(1, 4, 300))
+    for method in ("chi2", "permutation"):
+        r = size_expert_independence(buckets, experts, 3, 4, method=method, permutations=300)
+        assert r["p_value"] < 0.01 and r["cramers_v"] > 0.5, (method, r)
+        assert r["table"][0] == [int((buckets == 0).sum()), 0, 0, 0]
+    # uniform random routing: p-values spread uniformly, rarely small
+    ps = [size_expert_independence(rng.integers(0, 3, 200), rng.integers(0, 4, 200), 3, 4)["p_value"]
+          for _ in range(60)]
+    assert np.mean(np.array(ps) < 0.01) < 0.1 and np.median(ps) > 0.2
+    r = size_expert_independence([0, 0, 0], [1, 2, 1], 3, 4)  # one bucket only: nothing to test
+    assert r["degenerate"] and r["p_value"] == 1.0
+    u = usage_table([0, 0, 1], np.array([[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 1.0]]), 3, ["s", "m", "l"])
+    assert u["s"]["n"] == 2 and u["s"]["mean_weight"] == [0.75, 0.25, 0.0] and u["s"]["top1_share"] == [1.0, 0, 0]
+    assert u["l"]["n"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from moecnn.train.detection import load_detection_config, train_detection
+
+    root = tmp_path_factory.mktemp("det")
+    preset = Path(__file__).resolve().parents[1] / "src" / "moecnn" / "configs" / "detection_shapes.yaml"
+    cfg = load_detection_config(preset, {
+        "data": {"shapes": {"num_train": 8, "num_val": 4, "image_size": 64, "out": str(root / "shapes")},
+                 "num_workers": 0},
+        "model": {"min_size": 64, "max_size": 64, "fpn_channels": 32, "head_convs": 1, "head_norm": "none",
+                  "num_experts": 3, "score_thresh": 0.0, "detections_per_img": 20},
+        "optim": {"epochs": 1, "batch_size": 4, "warmup_iters": 0},
+        "log": {"print_every": 0, "eval_every": 1},
+    })
+    run = root / "run"
+    final = train_detection(cfg, run)
+    return run, cfg, final
+
+
+def test_train_resume_eval_analyze(tiny_run):
+    from moecnn.analysis.detection import analyze_detection
+    from moecnn.train.detection import evaluate_detection, train_detection
+
+    run, cfg, final = tiny_run
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "checkpoint.pt", "final.json"):
+        assert (run / name).is_file(), name
+    assert final["images_per_s"] > 0 and 0.0 <= final["AP"] <= 1.0
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and "train_aux" in rows[0]
+    assert "cls/P3" in rows[0]["usage"] and "val" in rows[0]
+    # resume: one more epoch continues from the checkpoint
+    cfg.optim.epochs = 2
+    train_detection(cfg, run)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["step"] == 2 * rows[0]["step"]
+    assert "resumed" in json.loads((run / "meta.json").read_text())
+
+    ev = evaluate_detection(run, device="cpu")
+    assert set(ev["k"]) == {"1", "2", "3"} and set(ev["forced"]) == {"0", "1", "2"}
+    assert ev["default"]["num_images"] == 4
+    for e, m in ev["forced"].items():  # all detections come from the forced expert
+        assert set(m["detections_per_expert"]) <= {e}
+    assert (run / "eval" / "detection_eval.json").is_file()
+    one = evaluate_detection(run, k=1, device="cpu")
+    assert one["controls"] == {"k": 1} and (run / "eval" / "detection_ap_k1.json").is_file()
+
+    summary = analyze_detection(run, device="cpu", num_examples=2)
+    assert set(summary["heads"]) == {"cls", "reg"}
+    h = summary["heads"]["cls"]
+    assert sum(v["n"] for v in h["by_bucket"].values()) == summary["num_gt"] > 0
+    assert 0.0 <= h["bucket_test"]["p_value"] <= 1.0
+    for name in ("detection_summary.json", "detection_usage.png", "detection_examples.png"):
+        assert (run / "analysis" / name).is_file(), name
+    sections = detection_report_sections(run)
+    titles = [t for t, _ in sections]
+    assert "Detection AP (COCO, %)" in titles and any("data:image/png;base64," in h for _, h in sections)
