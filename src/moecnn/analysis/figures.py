@@ -138,13 +138,13 @@ def tsne_scatter(coords: np.ndarray, groups: np.ndarray, names: Sequence[str], t
 
 def accuracy_bars(labels: Sequence[str], values: Sequence[float], title: str, ref: Optional[float] = None) -> bytes:
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(labels) + 2), 3))
-    vals = [np.nan if v is None else 100 * v for v in values]
+    vals = [np.nan if v is None else float(v) for v in values]  # percent, as ``moecnn eval`` writes
     ax.bar(range(len(labels)), vals, color="tab:blue")
     for i, v in enumerate(vals):
         if np.isfinite(v):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     if ref is not None:
-        ax.axhline(100 * ref, color="tab:red", ls="--", lw=0.8, label="as trained")
+        ax.axhline(ref, color="tab:red", ls="--", lw=0.8, label="as trained")
         ax.legend(fontsize=7)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")

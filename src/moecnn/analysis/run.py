@@ -503,12 +503,14 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             t0 = time.perf_counter()
             pal = figs.expert_palette(n_exp)
             sub_imgs = images[tsne_idx]
+            side = max(np.asarray(images).shape[-2:]) if np.asarray(images).shape[1] in (1, 3, 4) else 32
+            thumb = 32 if side < 32 else (48 if side > 48 else None)  # readable, bounded canvas size
             figures["tsne_thumbnails"] = _write(fig_dir / f"{slug}_tsne_thumbnails.png", figs.image_png(
-                thumbnail_canvas(coords, sub_imgs, grid=30, borders=chosen[tsne_idx], palette=pal)))
+                thumbnail_canvas(coords, sub_imgs, grid=30, thumb=thumb, borders=chosen[tsne_idx], palette=pal)))
             for e in range(n_exp):
                 sel = chosen[tsne_idx] == e
                 figures[f"tsne_E{e}"] = _write(fig_dir / f"{slug}_tsne_E{e}.png", figs.image_png(
-                    thumbnail_canvas(coords[sel], sub_imgs[sel], grid=18) if sel.any()
+                    thumbnail_canvas(coords[sel], sub_imgs[sel], grid=18, thumb=thumb) if sel.any()
                     else np.full((32, 32, 3), 255, np.uint8)))
             timing[f"{name}/thumbnails"] = time.perf_counter() - t0
         steps.update(1) if name == layer_names[0] else None
