@@ -324,11 +324,13 @@ def test_color_jitter():
 
 
 # ----------------------------------------------------------------------------------------- synthetic
-def _peak_fraction(x: torch.Tensor) -> torch.Tensor:
-    """Share of the (non-DC) spectral energy in the two strongest frequencies (a grating's +-k pair)."""
+def _band_energy(x: torch.Tensor) -> torch.Tensor:
+    """Share of the (non-DC) spectral energy between 1.5 and 9 cycles per image."""
     f = x.float() / 255
-    power = torch.fft.fft2(f - f.mean((2, 3), keepdim=True)).abs().pow(2).sum(1).flatten(1)
-    return power.topk(2, 1).values.sum(1) / power.sum(1)
+    power = torch.fft.fft2(f - f.mean((2, 3), keepdim=True)).abs().pow(2).sum(1)
+    k = torch.fft.fftfreq(x.shape[-1]) * x.shape[-1]
+    radius = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()
+    return (power * ((radius >= 1.5) & (radius <= 9))).sum((1, 2)) / power.sum((1, 2))
 
 
 def test_synthetic_deterministic_with_planted_superclasses():
@@ -338,10 +340,10 @@ def test_synthetic_deterministic_with_planted_superclasses():
     assert not torch.equal(make_synthetic(600, seed=5)[0], x1)
     assert x1.shape == (600, 3, 32, 32) and torch.bincount(y1).tolist() == [60] * 10
     # one spectral feature + a threshold fitted on one sample separates the superclasses on another
-    feat, sup = _peak_fraction(x1), y1 >= 5
-    thr = max(torch.linspace(0.05, 0.6, 56).tolist(), key=lambda t: ((feat < t) == sup).float().mean().item())
+    feat, sup = _band_energy(x1), y1 >= 5
+    thr = max(torch.linspace(0.0, 1.0, 101).tolist(), key=lambda t: ((feat < t) == sup).float().mean().item())
     x3, y3 = make_synthetic(600, seed=6)
-    assert ((_peak_fraction(x3) < thr) == (y3 >= 5)).float().mean() > 0.9
+    assert ((_band_energy(x3) < thr) == (y3 >= 5)).float().mean() > 0.9
 
 
 # ----------------------------------------------------------------------------------------- other sets
@@ -368,6 +370,9 @@ def test_image_folder_and_torch_loader(tmp_path):
     assert b.class_names == ["car", "cat", "dog"] and b.superclass_names == ["animal", "vehicle"]
     assert b.class_to_super == [1, 0, 0] and (len(b.train), len(b.val), len(b.test)) == (15, 3, 6)
     assert b.in_channels == 3 and len(b.mean) == 3
+    smap.write_text(json.dumps({"cat": "animal", "dog": "animal"}))
+    with pytest.raises(ValueError, match=r"supers\.json: no superclass for classes \['car'\]"):
+        build_data(DataConfig(name="image_folder", root=str(tmp_path), val_size=3, superclass_map=str(smap)))
     kw = dict(train=True, device="cpu", mean=b.mean, std=b.std, augment=AugmentConfig(color_jitter=0.3), num_workers=0)
     ld = make_loader(b.train, 4, **kw)
     assert isinstance(ld, TorchLoader) and len(ld) == 3
@@ -392,3 +397,28 @@ def test_gpu_loader_on_cuda_matches_cpu_eval():
     runs = [[x for x, _ in make_loader(ds, 16, train=True, device="cuda", mean=kw["mean"], std=kw["std"], augment=aug)]
             for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs)) and runs[0][0].shape == (16, 3, 8, 8)
+
+
+def test_custom_registered_builder_with_plain_dataset():
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return torch.full((1, 4, 4), i, dtype=torch.uint8), i % 4
+
+    def builder(cfg):
+        from moecnn.data import DataBundle
+
+        return DataBundle("plain", Plain(), None, Plain(), 4, list("abcd"), None, None, 1, 4, (), ())
+
+    DATASETS.register("_test_plain")(builder)
+    try:
+        b = build_data(DataConfig(name="_test_plain", val_size=8, train_subset=20))
+    finally:
+        DATASETS._items.pop("_test_plain")
+    assert len(b.train) == 20 and len(b.val) == 8
+    val_labels = [b.val[i][1] for i in range(8)]
+    assert sorted(val_labels) == [0, 0, 1, 1, 2, 2, 3, 3]  # stratified
+    assert {int(b.train[i][0][0, 0, 0]) for i in range(20)}.isdisjoint({int(b.val[i][0][0, 0, 0]) for i in range(8)})
+    assert len(b.mean) == 1 and b.mean[0] > 0

@@ -516,10 +516,20 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int = 0) -> Tuple[t
     return torch.sort(chosen[n_val:]).values, torch.sort(chosen[:n_val]).values
 
 
+def _take(ds: Any, idx: torch.Tensor) -> Any:
+    """``ds.subset(idx)`` where the dataset has it, else a ``torch.utils.data.Subset``."""
+    return ds.subset(idx) if hasattr(ds, "subset") else torch.utils.data.Subset(ds, idx.tolist())
+
+
+def _targets(ds: Any) -> torch.Tensor:
+    """Labels of every sample (``ds.targets`` when present, else read one by one)."""
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(ds.targets).long()
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
 def _subset(ds: Any, n: Optional[int]) -> Any:
-    if n is None or n >= len(ds):
-        return ds
-    return ds.subset(torch.arange(n)) if hasattr(ds, "subset") else torch.utils.data.Subset(ds, range(n))
+    return ds if n is None or n >= len(ds) else _take(ds, torch.arange(n))
 
 
 def compute_mean_std(ds: Any, max_samples: Optional[int] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -557,8 +567,8 @@ def build_data(cfg: Union[DataConfig, Any]) -> DataBundle:
         if cfg.val_size >= len(train):
             raise ValueError(f"data.val_size={cfg.val_size} leaves no training images ({cfg.name} train has "
                              f"{len(train)}); lower data.val_size")
-        keep, held = stratified_split(train.targets, cfg.val_size, cfg.seed)
-        train, val = train.subset(keep), train.subset(held)
+        keep, held = stratified_split(_targets(train), cfg.val_size, cfg.seed)
+        train, val = _take(train, keep), _take(train, held)
     train = _subset(train, cfg.train_subset)
     test = _subset(bundle.test, cfg.test_subset)
     mean, std = bundle.mean, bundle.std

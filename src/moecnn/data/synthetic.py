@@ -3,13 +3,15 @@
 Two superclasses drawn from clearly different image distributions, so that MoE experts have something
 to specialise on:
 
-* ``stripes`` (classes 0-4): a sinusoidal grating across the whole image; the class is the grating's
-  orientation (0, 36, 72, 108, 144 degrees, each jittered by up to +-7 degrees). Frequency (2-5 cycles per
-  image), phase, contrast and the two colours are nuisance variables.
+* ``stripes`` (classes 0-4): sinusoidal gratings over the whole image: vertical bars, horizontal bars,
+  diagonal bars (+-45 degrees, either sign), plaid (vertical + horizontal), each 2-5 cycles per image
+  and jittered by up to +-15 degrees; "fine": 5-8 cycles per image at any orientation. Phase, contrast
+  and the two colours are nuisances. Every class is closed under horizontal flips, so the default flip
+  augmentation never turns one class into another.
 * ``blobs`` (classes 5-9): one foreground shape on a smooth colour ramp; the class is the shape (disk,
   square, ring, plus, pair of small disks). Position, size, colours and ramp direction are nuisances.
 
-All images get the same light Gaussian pixel noise. Generation is fully vectorised and deterministic
+All images get the same light Gaussian luminance noise. Generation is fully vectorised and deterministic
 given ``seed`` (about 0.5 s for 10 000 images on one CPU core).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import List, Tuple
 import torch
 
 CLASS_NAMES: List[str] = [
-    "stripes_0", "stripes_36", "stripes_72", "stripes_108", "stripes_144",
+    "vertical", "horizontal", "diagonal", "plaid", "fine",
     "disk", "square", "ring", "plus", "pair",
 ]
 SUPERCLASS_NAMES: List[str] = ["stripes", "blobs"]
@@ -32,7 +34,7 @@ def _rand(g: torch.Generator, *shape: int, lo: float = 0.0, hi: float = 1.0) -> 
     return torch.rand(*shape, generator=g) * (hi - lo) + lo
 
 
-def make_synthetic(n: int, seed: int = 0, image_size: int = 32, noise: float = 0.03) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_synthetic(n: int, seed: int = 0, image_size: int = 32, noise: float = 0.06) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate ``n`` images: returns (uint8 N x 3 x S x S, int64 labels N), classes balanced up to one."""
     g = torch.Generator().manual_seed(seed)
     s = image_size
@@ -40,25 +42,30 @@ def make_synthetic(n: int, seed: int = 0, image_size: int = 32, noise: float = 0
     coords = torch.arange(s, dtype=torch.float32) + 0.5 - s / 2
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # S x S, centred pixel coordinates
     bg = _rand(g, n, 3, lo=0.15, hi=0.85)
-    fg = torch.remainder(bg + 0.5 + _rand(g, n, 3, lo=-0.12, hi=0.12), 1.0)  # every channel far from bg
+    fg = torch.remainder(bg + _rand(g, n, 3, lo=0.25, hi=0.75), 1.0)  # every channel 0.25-0.5 away from bg
     weight = torch.empty(n, s, s)  # 0 = background colour, 1 = foreground colour
     base = torch.zeros(n, s, s)  # additive, shared by the channels: smooth ramp (blobs only) + noise
 
     stripes = torch.nonzero(labels < 5).squeeze(1)
     m = len(stripes)
-    theta = labels[stripes].float() * (math.pi / 5) + _rand(g, m, lo=-1.0, hi=1.0) * math.radians(7)
-    freq = _rand(g, m, lo=2.0, hi=5.0)
-    phase = _rand(g, m, hi=2 * math.pi)
-    contrast = _rand(g, m, lo=0.7, hi=1.0)
-    u = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
-    wave = torch.sin(2 * math.pi * freq[:, None, None] * u / s + phase[:, None, None])
-    weight[stripes] = 0.5 + 0.5 * contrast[:, None, None] * wave
+    kind = labels[stripes]
+    # orientation: 0 vertical bars, pi/2 horizontal bars, +-pi/4 diagonal, plaid 0 (+ pi/2), fine: any
+    theta = torch.tensor([0.0, math.pi / 2, math.pi / 4, 0.0, 0.0])[kind]
+    theta = theta * torch.where(kind == 2, torch.randint(0, 2, (m,), generator=g) * 2.0 - 1, torch.ones(m))
+    theta = torch.where(kind == 4, _rand(g, m, hi=math.pi), theta + _rand(g, m, lo=-1.0, hi=1.0) * math.radians(15))
+    freq = torch.where(kind == 4, _rand(g, m, lo=5.0, hi=8.0), _rand(g, m, lo=2.0, hi=5.0))
+    phase = _rand(g, 2, m, hi=2 * math.pi)
+    contrast = _rand(g, m, lo=0.35, hi=1.0)[:, None, None]
+    wave = _grating(xx, yy, theta, freq, phase[0], s)
+    plaid = (kind == 3)[:, None, None]
+    wave = torch.where(plaid, 0.5 * (wave + _grating(xx, yy, theta + math.pi / 2, freq, phase[1], s)), wave)
+    weight[stripes] = 0.5 + 0.5 * contrast * wave
 
     blobs = torch.nonzero(labels >= 5).squeeze(1)
     m = len(blobs)
     shape = labels[blobs] - 5
     cx, cy = (_rand(g, 2, m, lo=-s / 5, hi=s / 5)).unbind(0)
-    radius = _rand(g, m, lo=0.2 * s, hi=0.3 * s)[:, None, None]
+    radius = _rand(g, m, lo=0.14 * s, hi=0.3 * s)[:, None, None]
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     weight[blobs] = _shape_masks(shape, dx, dy, radius, g)
     ramp_dir = _rand(g, m, hi=2 * math.pi)[:, None, None]
@@ -69,6 +76,13 @@ def make_synthetic(n: int, seed: int = 0, image_size: int = 32, noise: float = 0
     img = (fg - bg)[:, :, None, None] * weight[:, None]
     img.add_(bg[:, :, None, None]).add_(base[:, None])
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8), labels.long()
+
+
+def _grating(xx: torch.Tensor, yy: torch.Tensor, theta: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor,
+             size: int) -> torch.Tensor:
+    """sin(2 pi f u / S + phase) with u the coordinate along direction theta (one grating per image)."""
+    u = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
+    return torch.sin(2 * math.pi * freq[:, None, None] * u / size + phase[:, None, None])
 
 
 def _shape_masks(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, radius: torch.Tensor,
