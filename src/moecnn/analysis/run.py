@@ -425,6 +425,8 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             raise ValueError(f"no MoE layer named '{layer}' in the routing; layers: {', '.join(layer_names)}")
         layer_names = [layer]
     summary["layers"] = layer_names
+    steps.total = 4 + 4 * len(layer_names)
+    steps.refresh()
     per_layer: Dict[str, Dict] = {}
     tsne_idx = subsample(m_img, max_tsne, seed, labels=labels)
     for name in layer_names:
@@ -462,7 +464,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                                       "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(stops)]}
             figures["superclass_expert"] = _write(fig_dir / f"{slug}_superclass_expert.png", figs.heatmap(
                 smat, superclass_names, expert_names, "mean gate weight per superclass", ylabel="superclass"))
-        steps.update(1) if name == layer_names[0] else None
+        steps.update(1)
         # specialisation
         spec = {"class": stats.specialisation(chosen, labels, n_perm=n_perm, seed=seed, n_labels=n_classes)}
         if superlabels is not None:
@@ -470,7 +472,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                                                       n_labels=len(superclass_names))
         L["specialisation"] = spec
         timing[f"{name}/stats"] = time.perf_counter() - t0
-        steps.update(1) if name == layer_names[0] else None
+        steps.update(1)
         # extremes
         ext = stats.extreme_images(w, n_extreme)
         L["extreme_images"] = {
@@ -489,7 +491,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         t0 = time.perf_counter()
         coords = tsne_embed(lg[tsne_idx], seed=seed)
         timing[f"{name}/tsne"] = time.perf_counter() - t0
-        steps.update(1) if name == layer_names[0] else None
+        steps.update(1)
         L["tsne"] = {"n_points": int(len(tsne_idx)), "seed": int(seed), "input": "raw gate logits",
                      "indices": tsne_idx.tolist(), "coords": np.round(coords, 4).tolist()}
         if superlabels is not None:
@@ -513,7 +515,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                     thumbnail_canvas(coords[sel], sub_imgs[sel], grid=18, thumb=thumb) if sel.any()
                     else np.full((32, 32, 3), 255, np.uint8)))
             timing[f"{name}/thumbnails"] = time.perf_counter() - t0
-        steps.update(1) if name == layer_names[0] else None
+        steps.update(1)
         L["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
         per_layer[name] = L
     summary["per_layer"] = per_layer
