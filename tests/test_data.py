@@ -422,3 +422,21 @@ def test_custom_registered_builder_with_plain_dataset():
     assert sorted(val_labels) == [0, 0, 1, 1, 2, 2, 3, 3]  # stratified
     assert {int(b.train[i][0][0, 0, 0]) for i in range(20)}.isdisjoint({int(b.val[i][0][0, 0, 0]) for i in range(8)})
     assert len(b.mean) == 1 and b.mean[0] > 0
+
+
+@pytest.mark.parametrize("padding,flip", [(4, True), (2, False), (0, True)])
+def test_fused_crop_flip_equals_separate_ops(padding, flip):
+    from moecnn.data import augment_batch, crop_flip
+
+    imgs = torch.randint(0, 256, (40, 3, 9, 9), dtype=torch.uint8)
+    index = torch.tensor([5, 0, 39, 5, 17, 8])
+    g = torch.Generator().manual_seed(1)
+    sep = random_crop(imgs[index], padding, g)
+    if flip:
+        sep = random_flip(sep, g)
+    fused = crop_flip(imgs, padding, flip, torch.Generator().manual_seed(1), index=index)
+    assert torch.equal(fused, sep)
+    mean, std = torch.tensor([0.3, 0.4, 0.5]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
+    out = augment_batch(imgs, AugmentConfig(crop_padding=padding, flip=flip), torch.Generator().manual_seed(1),
+                        mean, std, index=index)
+    assert torch.allclose(out, (sep.float() / 255 - mean) / std, atol=1e-5)

@@ -311,6 +311,8 @@ def load_cifar_split(root: Path, num_classes: int, split: str, download: bool = 
     """Load one split of CIFAR-10/100 from the official pickle folder or the .npy arrays under ``root``."""
     name = f"cifar{num_classes}"
     folder = "cifar-100-python" if num_classes == 100 else "cifar-10-batches-py"
+    if root.name == folder:  # root given as the extracted folder itself
+        root = root.parent
     if not (root / folder).is_dir() and _find(root, f"{split}_x.npy") is None and download:
         from torchvision.datasets.utils import download_and_extract_archive
 

@@ -46,6 +46,33 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> 
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
+              index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`random_crop` then :func:`random_flip` (same random draws, same result) as one gather.
+
+    Reads ``images[index]`` (all images when ``index`` is None) without materialising the padded or the
+    un-augmented batch: crop offsets and flips become per-image row/column index vectors.
+    """
+    n = len(images) if index is None else len(index)
+    _, c, h, w = images.shape
+    dev = images.device
+    rows = torch.arange(h, device=dev).expand(n, h)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if padding > 0:
+        off = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=dev) - padding
+        rows, cols = rows + off[0, :, None], cols + off[1, :, None]
+    if flip:
+        flipped = torch.rand(n, generator=generator, device=dev) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    sample = torch.arange(n, device=dev) if index is None else index
+    out = images[sample.view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
+                 rows.clamp(0, h - 1).view(n, 1, h, 1), cols.clamp(0, w - 1).view(n, 1, 1, w)]
+    if padding > 0:
+        inside = ((rows >= 0) & (rows < h)).view(n, 1, h, 1) & ((cols >= 0) & (cols < w)).view(n, 1, 1, w)
+        out = out.masked_fill_(~inside, 0)
+    return out
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
@@ -72,20 +99,20 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (0-255) or float ([0, 1]) batch -> float32 ``(x - mean) / std`` with 1 x C x 1 x 1 mean/std."""
-    if x.dtype == torch.uint8:
-        return (x.float() - mean * 255) / (std * 255)
-    return (x.float() - mean) / std
+    scale = 1 / (std * 255) if x.dtype == torch.uint8 else 1 / std
+    return (x * scale).sub_(mean / std)  # uint8 * float32 promotes: one kernel, no separate cast
 
 
 def augment_batch(x: torch.Tensor, augment: Optional[AugmentConfig], generator: torch.Generator,
-                  mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 batch -> augmented (crop, flip, jitter) and normalised float32 batch, all on x's device."""
-    if augment is not None:
-        x = random_crop(x, augment.crop_padding, generator)
-        if augment.flip:
-            x = random_flip(x, generator)
-        if augment.color_jitter > 0:
-            x = color_jitter(x.float() / 255, augment.color_jitter, generator)
+                  mean: torch.Tensor, std: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 images (``x[index]`` when given) -> augmented (crop, flip, jitter) and normalised float32
+    batch, all on x's device. ``augment=None``: normalisation only."""
+    if augment is not None and (augment.crop_padding > 0 or augment.flip):
+        x = crop_flip(x, augment.crop_padding, augment.flip, generator, index)
+    elif index is not None:
+        x = x[index]
+    if augment is not None and augment.color_jitter > 0:
+        x = color_jitter(x.float() / 255, augment.color_jitter, generator)
     return normalize(x, mean, std)
 
 
@@ -155,7 +182,7 @@ class GPULoader:
         gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         for b in range(len(self)):
             i = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            x = augment_batch(self.images[i], self.augment, gen, self.mean, self.std)
+            x = augment_batch(self.images, self.augment, gen, self.mean, self.std, index=i)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[i]
