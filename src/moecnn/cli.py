@@ -1,0 +1,303 @@
+"""The ``moecnn`` command line: train, eval, presets, analyze, report, data, info.
+
+Library errors (ValueError / FileNotFoundError / RuntimeError) are printed as one ``error: ...`` line on
+stderr with exit code 2; ``MOECNN_DEBUG=1`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+EPILOG_TRAIN = """\
+examples:
+  moecnn train                                   # tiny CPU demo on synthetic data (< 2 min)
+  moecnn train --config fast_moe --out runs/fast data.name=cifar100 data.root=/data/cifar100
+  moecnn train --config paper_moe_p4_n10_relative --out runs/p4n10rel
+  moecnn train --config my.yaml optim.lr=0.01 train.epochs=30 --seeds 0,1,2 --out runs/rep
+  moecnn train --resume runs/fast                # continue an interrupted run
+  torchrun --nproc_per_node=4 -m moecnn.cli train --config fast_moe --out runs/ddp
+
+Config keys (override with key=value): task, data.*, model.*, optim.*, train.*, log.* — see
+'moecnn presets --show NAME' for a resolved config with every key. optim.batch_size is the GLOBAL batch
+(split evenly across DDP ranks). Preset grid: paper_moe_p{1-4}_n{N}_{importance,kl,relative,mean}
+(likewise fast_moe_p..._n..._...) = paper_moe/fast_moe with model.position/num_experts/balance set.
+"""
+
+
+def _split_ints(s: str) -> List[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{s}'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moecnn",
+        description="Sparsely-gated mixture-of-experts layers for interpretable CNNs (arXiv 2204.10598).",
+    )
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (classification or detection) into a run directory",
+                       description="Train a model. Without --config the tiny synthetic CPU demo runs.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", "-c", help="YAML file or preset name (default: tiny); see 'moecnn presets'")
+    t.add_argument("--out", "-o", help="run directory (default: runs/<preset>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint.pt")
+    t.add_argument("--seeds", type=_split_ints, help="comma-separated seeds: one run per seed in OUT/seedS "
+                   "plus OUT/summary.json with mean ± std")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+
+    e = sub.add_parser("eval", help="evaluate a run: accuracy, k sweep, forced/disabled experts, routing dump",
+                       description="Evaluate RUN_DIR on the test split. Without routing flags: the full suite "
+                       "(eval/test.json per class/superclass, k_sweep, forced, disabled, dense, summary.json, "
+                       "routing_test.npz). With flags: only that setting (eval/custom_<tag>.json).")
+    e.add_argument("run_dir")
+    e.add_argument("--k", type=int, help="test-time number of active experts")
+    e.add_argument("--force-expert", type=int, metavar="I", help="route every image to expert I alone")
+    e.add_argument("--disable-experts", type=_split_ints, default=[], metavar="I,J", help="mask these experts")
+    e.add_argument("--dense", action="store_true", help="equal weights 1/N over all (enabled) experts")
+    e.add_argument("--which", default="last", help="checkpoint: last (default), best or a file path")
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--batch-size", type=int, default=512)
+
+    pr = sub.add_parser("presets", help="list the shipped and generated config presets",
+                        description="List presets usable with 'moecnn train --config NAME'.")
+    pr.add_argument("--show", metavar="NAME", help="print the fully resolved config of one preset")
+
+    a = sub.add_parser("analyze", help="interpretability analyses of an evaluated run (utilisation, "
+                       "class/superclass allocation, specialisation)")
+    a.add_argument("run_dir")
+    a.add_argument("--split", default="test")
+    a.add_argument("--layer", help="MoE layer name (default: all)")
+
+    r = sub.add_parser("report", help="write an HTML/markdown report with the figures of a run")
+    r.add_argument("run_dir")
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_cmd", metavar="TOOL")
+    try:
+        from .data.shapes import add_shapes_cli
+
+        add_shapes_cli(dsub)
+    except ImportError as err:
+        s = dsub.add_parser("shapes", help="(unavailable) synthetic shapes detection dataset")
+        s.set_defaults(unavailable=f"'moecnn data shapes' is not available in this install ({err})")
+
+    sub.add_parser("info", help="versions, devices and registered models/gates/losses/constraints")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .train.config import load_config, peek_task, resolve_source
+
+    if args.resume:
+        return _resume(args)
+    task = peek_task(args.config)
+    if task == "detection":
+        from .train.detection import DetectionRunConfig, train_detection
+
+        cfg = load_config(args.config, args.overrides, schema=DetectionRunConfig)
+        out = Path(args.out or _default_out(args.config))
+        res = train_detection(cfg, out)
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    if task != "classification":
+        raise ValueError(f"task must be classification or detection, got '{task}'")
+    resolve_source(args.config)
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or _default_out(args.config))
+    if not args.seeds:
+        from .train import train
+
+        train(cfg, out)
+        return 0
+    return _train_seeds(cfg, out, args.seeds)
+
+
+def _default_out(config: Optional[str]) -> str:
+    import time
+
+    name = Path(config).stem if config else "tiny"
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _resume(args) -> int:
+    from .train import train
+    from .train.config import load_config
+    from .train.runs import load_config_file
+
+    if args.config or args.seeds:
+        raise ValueError("--resume takes its config from RUN_DIR/config.yaml; drop --config/--seeds")
+    base = load_config_file(Path(args.resume))
+    if base.get("task", "classification") == "detection":
+        raise ValueError("--resume is not supported for detection runs")
+    base.train.stop_after_epochs = None  # resume means: run to the end unless told otherwise
+    cfg = load_config(base=base, overrides=args.overrides)
+    train(cfg, Path(args.resume), resume=True)
+    return 0
+
+
+def _train_seeds(cfg, out: Path, seeds: List[int]) -> int:
+    import statistics
+
+    from .train import train
+    from .train.runs import save_json
+
+    results = {}
+    for s in seeds:
+        c = cfg.copy()
+        c.train.seed = s
+        res = train(c, out / f"seed{s}")
+        if res and "test" in res:
+            results[s] = res
+    if not results:
+        return 0
+
+    def stat(get):
+        vals = [get(r) for r in results.values() if get(r) is not None]
+        if not vals:
+            return None
+        return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "values": vals}
+
+    summary = {"seeds": list(results), "test_top1": stat(lambda r: r["test"] and r["test"]["top1"]),
+               "test_top5": stat(lambda r: r["test"] and r["test"]["top5"]),
+               "val_top1": stat(lambda r: r["val"] and r["val"]["top1"])}
+    save_json(out / "summary.json", summary)
+    t1 = summary["test_top1"]
+    if t1:
+        print(f"{len(results)} seeds: test top-1 {t1['mean']:.2f} ± {t1['std']:.2f} % -> {out / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.runs import load_config_file
+
+    cfg = load_config_file(Path(args.run_dir))
+    if cfg.get("task", "classification") == "detection":
+        import inspect
+
+        from .train.detection import evaluate_detection
+
+        kw = dict(k=args.k, force_expert=args.force_expert, disable_experts=args.disable_experts,
+                  dense=args.dense, which=args.which, device=args.device)
+        params = inspect.signature(evaluate_detection).parameters
+        accepts_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        unsupported = [k for k, v in kw.items() if k not in params and not accepts_all and v not in (None, False, [], "last", "auto")]
+        if unsupported:
+            raise ValueError(f"detection eval does not support {', '.join(unsupported)}")
+        res = evaluate_detection(args.run_dir, **{k: v for k, v in kw.items() if k in params or accepts_all})
+    else:
+        from .train.evaluate import run_eval
+
+        res = run_eval(args.run_dir, k=args.k, force_expert=args.force_expert, disable=args.disable_experts,
+                       dense=args.dense, which=args.which, split=args.split, device=args.device,
+                       batch_size=args.batch_size)
+    print(json.dumps(res, indent=2, default=str))
+    print(f"results written to {Path(args.run_dir) / 'eval'}", file=sys.stderr)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .train.config import load_config, preset_names, shipped_presets
+
+    if args.show:
+        print(OmegaConf.to_yaml(load_config(args.show)), end="")
+        return 0
+    shipped = shipped_presets()
+    for name in preset_names():
+        print(name if name in shipped else f"{name}  (= {name.split('_p')[0]} + overrides)")
+    print("also: fast_moe_p{1-4}_n{N}_{importance,kl,relative,mean}; any YAML file path works too",
+          file=sys.stderr)
+    return 0
+
+
+def _lazy(module: str, func: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module, __package__), func)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"{module.lstrip('.')}.{func} is not available in this install ({e})") from None
+
+
+def cmd_analyze(args) -> int:
+    res = _lazy(".analysis", "analyze")(args.run_dir, split=args.split, layer=args.layer)
+    print(json.dumps(res, indent=2, default=str)[:20000])
+    return 0
+
+
+def cmd_report(args) -> int:
+    path = _lazy(".analysis", "report")(args.run_dir)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    if getattr(args, "unavailable", None):
+        raise RuntimeError(args.unavailable)
+    if getattr(args, "func", None) is None:
+        raise ValueError("choose a data tool, e.g. 'moecnn data shapes --help'")
+    rv = args.func(args)
+    return rv if isinstance(rv, int) else 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import __version__
+    from .registry import CONSTRAINTS, GATES, LOSSES, MODELS
+    from .train.config import preset_names
+
+    import moecnn.models  # noqa: F401  (registers models)
+
+    cuda = torch.cuda.is_available()
+    print(f"moecnn {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    print(f"devices: cpu ({os.cpu_count()} cores)" + (
+        "".join(f", cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
+        if cuda else ", no CUDA"))
+    for reg in (MODELS, GATES, LOSSES, CONSTRAINTS):
+        print(f"{reg.kind}s: {', '.join(reg.names())}")
+    print(f"presets: {len(preset_names())} (moecnn presets)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analyze": cmd_analyze,
+            "report": cmd_report, "data": cmd_data, "info": cmd_info}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.cmd](args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        if os.environ.get("MOECNN_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = f"missing key {msg}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; continue a training run with 'moecnn train --resume RUN_DIR'", file=sys.stderr)
+        return 130
+    finally:
+        from .train import distributed
+
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

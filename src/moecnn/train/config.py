@@ -1,0 +1,221 @@
+"""Typed run configuration (OmegaConf structured configs) and the preset system.
+
+A run is described by one :class:`TrainConfig` with a section per concern: ``data`` (what to load, how to
+augment), ``model`` (architecture and MoE), ``optim`` (optimiser, batch, LR schedule), ``train`` (epochs,
+seed, device, precision, checkpointing) and ``log``. :func:`load_config` merges, in order, the schema
+defaults, a preset or YAML file, and ``key=value`` overrides, and turns OmegaConf's errors into one-line
+``ValueError`` messages.
+
+Presets are the YAML files in ``moecnn/configs/`` plus generated names (see :func:`preset_names`):
+``paper_moe_p{1..4}_n{N}_{importance,kl,relative,mean}`` (and the same for ``fast_moe_…``) expand to
+``paper_moe`` (or ``fast_moe``) with ``model.position``, ``model.num_experts`` and ``model.balance`` set.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ..data.config import DataConfig
+from ..models.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BALANCES = ("importance", "kl", "relative", "mean")
+PRESET_PATTERN = re.compile(r"^(paper|fast)_moe_p([1-4])_n(\d+)_([a-z_]+)$")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    batch_size: int = 128  # GLOBAL batch: split evenly across DDP ranks
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None  # max global grad norm; None = off
+    schedule: str = "step"  # constant | step | onecycle | cosine
+    milestones: List[int] = field(default_factory=lambda: [81, 120])  # step: lr *= gamma from these epochs on
+    gamma: float = 0.1  # step: decay factor
+    warmup_epochs: float = 0.0  # onecycle/cosine: linear warm-up length (fractional epochs allowed)
+    final_lr_factor: float = 0.0  # onecycle/cosine: lr at the end = lr * this
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 150
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms, no cudnn.benchmark (bit-exact resume on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N  (DDP: each rank uses cuda:LOCAL_RANK)
+    precision: str = "bf16"  # bf16 | fp16 | fp32 — autocast on CUDA only; CPU always runs fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 1  # validate every n epochs (and always after the last)
+    save_best: bool = True  # also keep best.pt (highest val top-1)
+    stop_after_epochs: Optional[int] = None  # stop this invocation after n epochs (simulated interruption)
+    collapse_patience: int = 3  # warn when < N/2 experts live for this many epochs in a row
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # RUN_DIR/tb when tensorboard is importable
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+    check_every: int = 50  # steps between non-finite checks / progress updates (each is one host sync)
+
+
+@dataclass
+class TrainConfig:
+    task: str = "classification"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shipped_presets() -> List[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_names() -> List[str]:
+    """Shipped presets plus the generated paper grid (positions 1–4 × N ∈ {4, 10} × 4 balancing methods)."""
+    grid = [f"paper_moe_p{p}_n{n}_{b}" for p in range(1, 5) for n in (4, 10) for b in BALANCES]
+    return shipped_presets() + grid
+
+
+def expand_preset(name: str) -> Tuple[Path, List[str]]:
+    """Preset name -> (YAML file, implied overrides). Raises ValueError for unknown names."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if path.is_file():
+        return path, []
+    m = PRESET_PATTERN.match(name)
+    if m:
+        base, pos, n, bal = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if bal not in BALANCES:
+            raise ValueError(f"unknown balancing '{bal}' in preset '{name}' (choose {', '.join(BALANCES)})")
+        if not 2 <= n <= 64:
+            raise ValueError(f"preset '{name}': number of experts must be 2..64")
+        return CONFIG_DIR / f"{base}_moe.yaml", [
+            f"model.position={pos}", f"model.num_experts={n}", f"model.balance={bal}"]
+    raise ValueError(
+        f"unknown preset '{name}' (not a file either); run 'moecnn presets' to list them "
+        f"(shipped: {', '.join(shipped_presets())}; grid: paper_moe_p{{1-4}}_n{{4,10}}_{{{','.join(BALANCES)}}})"
+    )
+
+
+def resolve_source(config: Optional[str]) -> Tuple[Optional[Path], List[str]]:
+    """``--config`` value (a YAML path or a preset name; None = the ``tiny`` preset) -> (file, overrides)."""
+    if config is None:
+        return expand_preset("tiny")
+    p = Path(config)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"config file '{config}' not found; pass a YAML file or a preset name")
+        return p, []
+    return expand_preset(config)
+
+
+def read_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors and the like
+        raise ValueError(f"cannot parse config '{path}': {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"config '{path}' must be a YAML mapping")
+    return cfg
+
+
+def peek_task(config: Optional[str]) -> str:
+    path, _ = resolve_source(config)
+    return str(read_yaml(path).get("task", "classification")) if path else "classification"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading with friendly errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _valid_keys(schema: DictConfig, full_key: str) -> List[str]:
+    node: Any = schema
+    for part in full_key.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    if isinstance(node, DictConfig):
+        prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key and node is not schema else ""
+        return [prefix + k for k in node.keys()]
+    return []
+
+
+def _friendly(e: OmegaConfBaseException, schema: DictConfig) -> ValueError:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if isinstance(e, ConfigKeyError) or "not in" in msg:
+        return ValueError(f"unknown config key '{key}' (valid keys: {', '.join(_valid_keys(schema, str(key)))})")
+    m = re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+    if m and key:
+        return ValueError(f"{key} expects {m.group(2).lower()}, got '{m.group(1)}'")
+    if "Non optional field cannot be assigned None" in msg or "field cannot be None" in msg:
+        return ValueError(f"{key} cannot be null")
+    return ValueError(f"bad config value{f' for {key}' if key else ''}: {msg}")
+
+
+def load_config(
+    config: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    schema: Any = TrainConfig,
+    base: Optional[DictConfig] = None,
+) -> DictConfig:
+    """schema defaults <- preset/YAML (or ``base``) <- ``key=value`` overrides; validated, read-only keys."""
+    structured = OmegaConf.structured(schema)
+    if base is not None:
+        path, implied = None, []
+    else:
+        path, implied = resolve_source(config)
+    dots = list(implied) + list(overrides)
+    for d in dots:
+        if "=" not in d:
+            raise ValueError(f"override '{d}' must look like key=value (e.g. optim.lr=0.01)")
+    try:
+        layers = [structured]
+        if base is not None:
+            layers.append(base)
+        elif path is not None:
+            layers.append(read_yaml(path))
+        layers.append(OmegaConf.from_dotlist(dots))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        raise _friendly(e, structured) from None
+    if cfg.get("task", "classification") == "classification":
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    if m.moe != "none" and not 1 <= m.k <= m.num_experts:
+        raise ValueError(f"model.k={m.k} must be between 1 and model.num_experts={m.num_experts}")
+    if o.name not in ("adam", "adamw", "sgd"):
+        raise ValueError(f"optim.name must be adam, adamw or sgd, got '{o.name}'")
+    if o.schedule not in ("constant", "step", "onecycle", "cosine"):
+        raise ValueError(f"optim.schedule must be constant, step, onecycle or cosine, got '{o.schedule}'")
+    if t.precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision must be bf16, fp16 or fp32, got '{t.precision}'")
+    if cfg.log.progress not in ("auto", "bar", "lines", "none"):
+        raise ValueError(f"log.progress must be auto, bar, lines or none, got '{cfg.log.progress}'")
+    for name, v in (("train.epochs", t.epochs), ("optim.batch_size", o.batch_size), ("train.eval_every", t.eval_every)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if o.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {o.lr}")

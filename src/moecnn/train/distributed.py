@@ -1,0 +1,79 @@
+"""Data-parallel helpers: torchrun env-var initialisation, rank queries, reductions.
+
+Under ``torchrun --nproc_per_node=G`` (``WORLD_SIZE`` > 1 in the environment) :func:`init` starts a process
+group (nccl on CUDA, gloo otherwise) and gives each rank its own device. Single-process runs need nothing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device asks for CUDA but no GPU is available; use train.device=cpu")
+        return torch.device(spec if ":" in spec else f"cuda:{local_rank}")
+    if spec != "cpu":
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got '{spec}'")
+    return torch.device("cpu")
+
+
+def init(device_spec: str = "auto") -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=pick_device(device_spec))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device("cuda" if device_spec == "cuda" else device_spec, local)
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{local}")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (no-op without a process group); returns ``t``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
