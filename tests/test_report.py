@@ -107,3 +107,10 @@ def test_report_renders_in_chromium(run_dir, tmp_path):
         arr = np.asarray(im.convert("L"))
     assert arr.std() > 5  # not a blank page
     shutil.copy(shot, tmp_path / "report_screenshot.png")
+
+
+def test_detection_run_with_real_module(tmp_path):
+    pytest.importorskip("moecnn.analysis.detection")
+    (tmp_path / "config.yaml").write_text("task: detection\n")
+    html = report(tmp_path).read_text()
+    assert html.startswith("<!DOCTYPE html>") and "detection analyses failed" not in html
