@@ -17,11 +17,30 @@ from pathlib import Path
 import numpy as np
 
 
-def make_run(root: Path, m: int, n_exp: int = 4, k: int = 2, seed: int = 0) -> dict:
+def load_cifar100_test(root: Path, m: int):
+    """Real CIFAR-100 test images/labels/names from the shared data folder (README there)."""
+    import lzma
+
+    x = np.load(lzma.open(root / "test_x.npy.xz"))[:m].transpose(0, 3, 1, 2)
+    fine = np.load(root / "test_y_fine.npy")[:m].astype(np.int64)
+    coarse = np.load(root / "test_y_coarse.npy")[:m].astype(np.int64)
+    names = json.loads((root / "label_names.json").read_text())
+    c2s = np.zeros(100, dtype=np.int64)
+    c2s[fine] = coarse
+    return x, fine, c2s, names["fine_label_names"], names["coarse_label_names"]
+
+
+def make_run(root: Path, m: int, n_exp: int = 4, k: int = 2, seed: int = 0, cifar: Path | None = None) -> dict:
     rng = np.random.default_rng(seed)
     n_classes, n_super = 100, 20
-    class_to_super = np.arange(n_classes) % n_super
-    labels = rng.integers(0, n_classes, m)
+    class_names = [f"class{i}" for i in range(n_classes)]
+    super_names = [f"super{i}" for i in range(n_super)]
+    if cifar is not None:
+        images, labels, class_to_super, class_names, super_names = load_cifar100_test(cifar, m)
+        m = len(labels)
+    else:
+        class_to_super = np.arange(n_classes) % n_super
+        labels = rng.integers(0, n_classes, m)
     sup = class_to_super[labels]
     # superclass-dependent gate logits (planted structure, like a trained ResBlock-MoE)
     centres = rng.normal(0, 1.0, (n_super, n_exp))
@@ -30,14 +49,15 @@ def make_run(root: Path, m: int, n_exp: int = 4, k: int = 2, seed: int = 0) -> d
     w = np.zeros_like(logits)
     v = np.exp(np.take_along_axis(logits, top, 1))
     np.put_along_axis(w, top, v / v.sum(1, keepdims=True), 1)
-    colours = rng.integers(0, 256, (n_super, 3, 1, 1))
-    images = np.clip(colours[sup] + rng.normal(0, 40, (m, 3, 32, 32)), 0, 255).astype(np.uint8)
+    if cifar is None:
+        colours = rng.integers(0, 256, (n_super, 3, 1, 1))
+        images = np.clip(colours[sup] + rng.normal(0, 40, (m, 3, 32, 32)), 0, 255).astype(np.uint8)
     ev = root / "eval"
     ev.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(ev / "routing_test.npz", labels=labels, layers=np.array(["layer4.moe"]),
                         **{"layer4.moe/logits": logits, "layer4.moe/weights": w, "layer4.moe/top1": w.argmax(1)},
-                        superlabels=sup, class_names=np.array([f"class{i}" for i in range(n_classes)]),
-                        superclass_names=np.array([f"super{i}" for i in range(n_super)]), preds=labels)
+                        superlabels=sup, class_names=np.array(class_names),
+                        superclass_names=np.array(super_names), preds=labels)
     return {"images": images}
 
 
@@ -47,12 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tsne", type=int, default=2000)
     ap.add_argument("--n-perm", type=int, default=200)
     ap.add_argument("--limit-s", type=float, default=120.0)
+    ap.add_argument("--cifar100", type=Path, help="use the real CIFAR-100 test images from this folder "
+                    "(e.g. /work/shared/data/cifar100); routing is still planted by superclass")
+    ap.add_argument("--keep", type=Path, help="copy the run directory (analysis + report.html) here")
     args = ap.parse_args(argv)
     from moecnn.analysis import analyze, report
 
     with tempfile.TemporaryDirectory() as d:
         run = Path(d) / "run"
-        extra = make_run(run, args.images)
+        extra = make_run(run, args.images, cifar=args.cifar100)
         t0 = time.perf_counter()
         s = analyze(run, max_tsne=args.max_tsne, n_perm=args.n_perm, images=extra["images"])
         t_an = time.perf_counter() - t0
@@ -67,6 +90,10 @@ def main(argv=None) -> int:
                "report_MB": round(path.stat().st_size / 1e6, 2), "limit_s": args.limit_s,
                "ok": total < args.limit_s}
         print(json.dumps(out, indent=1))
+        if args.keep is not None:
+            import shutil
+
+            shutil.copytree(run, args.keep, dirs_exist_ok=True)
     return 0 if out["ok"] else 1
 
 

@@ -88,6 +88,11 @@ def test_extremes_and_epochs():
     w = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
     ex = stats.extreme_images(w, 2)
     assert ex["most"][0] == [0, 2] and ex["least"][0] == [1, 2]
+    # ties (images not routed to the expert) are broken by the raw logits
+    w0 = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    lg = np.array([[2.0, 1.0], [5.0, -1.0], [0.0, 3.0]])
+    ex0 = stats.extreme_images(w0, 2, lg)
+    assert ex0["most"][0] == [1, 0] and ex0["least"][1] == [1, 0]
     recs = [{"epoch": 0, "routing": {"layer4.moe": {"importance": [0.7, 0.3], "routed": [1.0, 1.0]}}},
             {"epoch": 1, "routing": {"layer4.moe": {"importance": [0.5, 0.5], "routed": [1.0, 1.0]}}},
             {"epoch": 2, "train/layer4.moe/importance": [0.4, 0.6]}]

@@ -474,7 +474,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         timing[f"{name}/stats"] = time.perf_counter() - t0
         steps.update(1)
         # extremes
-        ext = stats.extreme_images(w, n_extreme)
+        ext = stats.extreme_images(w, n_extreme, lg)
         L["extreme_images"] = {
             "most": ext["most"], "least": ext["least"],
             "most_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["most"])],
@@ -486,7 +486,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             for kind in ("most", "least"):
                 for e, ids in enumerate(ext[kind]):
                     figures[f"{kind}_E{e}"] = _write(fig_dir / f"{slug}_{kind}_E{e}.png",
-                                                      figs.image_png(montage(images[ids], cols=n_extreme)))
+                                                      figs.image_png(montage(images[ids], cols=n_extreme, min_side=48)))
         # t-SNE of raw gate logits
         t0 = time.perf_counter()
         coords = tsne_embed(lg[tsne_idx], seed=seed)

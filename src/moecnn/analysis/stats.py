@@ -225,18 +225,24 @@ def specialisation(chosen: np.ndarray, labels: np.ndarray, n_perm: int = 200, se
     }
 
 
-def extreme_images(weights: np.ndarray, n: int = 8) -> Dict[str, List[List[int]]]:
+def extreme_images(weights: np.ndarray, n: int = 8, logits: Optional[np.ndarray] = None) -> Dict[str, List[List[int]]]:
     """Per expert, indices of the ``n`` images it weights most (``most``) and least (``least``).
 
-    ``least`` ranks all images by the expert's gate weight ascending (ties broken by index), so for sparse
-    gates it lists images that are not routed to the expert at all.
+    Images are ranked by the expert's sparse gate weight; ties (e.g. all the images not routed to the expert,
+    weight 0, or weight 1 with k=1) are broken by the softmax of the raw ``logits`` when given, else by index.
     """
     w = np.asarray(weights, dtype=np.float64)
+    if logits is not None:
+        lg = np.asarray(logits, dtype=np.float64)
+        p = np.exp(lg - lg.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+    else:
+        p = np.zeros_like(w)
+    idx = np.arange(w.shape[0])
     most, least = [], []
     for e in range(w.shape[1]):
-        order = np.argsort(-w[:, e], kind="stable")
-        most.append(order[:n].tolist())
-        least.append(np.argsort(w[:, e], kind="stable")[:n].tolist())
+        most.append(np.lexsort((idx, -p[:, e], -w[:, e]))[:n].tolist())
+        least.append(np.lexsort((idx, p[:, e], w[:, e]))[:n].tolist())
     return {"most": most, "least": least}
 
 

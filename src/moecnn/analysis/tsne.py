@@ -134,13 +134,15 @@ def _resize_nearest(im: np.ndarray, size: int) -> np.ndarray:
 
 
 def montage(images: np.ndarray, cols: int = 8, pad: int = 2, background: int = 255,
-            max_side: int = 64) -> np.ndarray:
-    """Images side by side in rows of ``cols`` (uint8 H×W×3); large images are downscaled to ``max_side``."""
+            max_side: int = 64, min_side: int = 0) -> np.ndarray:
+    """Images side by side in rows of ``cols`` (uint8 H×W×3), resized (nearest) into [min_side, max_side]."""
     im = to_hwc(images)
     if im.shape[0] == 0:
         return np.full((8, 8, 3), background, dtype=np.uint8)
     if max(im.shape[1:3]) > max_side:
         im = _resize_nearest(im, max_side)
+    elif max(im.shape[1:3]) < min_side:
+        im = _resize_nearest(im, min_side)
     m, h, w = im.shape[:3]
     rows = -(-m // cols)
     cols = min(cols, m)
