@@ -424,19 +424,32 @@ def test_custom_registered_builder_with_plain_dataset():
     assert len(b.mean) == 1 and b.mean[0] > 0
 
 
-@pytest.mark.parametrize("padding,flip", [(4, True), (2, False), (0, True)])
-def test_fused_crop_flip_equals_separate_ops(padding, flip):
-    from moecnn.data import augment_batch, crop_flip
+def test_crop_flip_gather_matches_slicing():
+    from moecnn.data import crop_flip_gather, crop_grid
 
-    imgs = torch.randint(0, 256, (40, 3, 9, 9), dtype=torch.uint8)
+    imgs = torch.randint(0, 256, (40, 3, 9, 7), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(imgs, (2, 2, 2, 2))
     index = torch.tensor([5, 0, 39, 5, 17, 8])
-    g = torch.Generator().manual_seed(1)
-    sep = random_crop(imgs[index], padding, g)
-    if flip:
-        sep = random_flip(sep, g)
-    fused = crop_flip(imgs, padding, flip, torch.Generator().manual_seed(1), index=index)
-    assert torch.equal(fused, sep)
-    mean, std = torch.tensor([0.3, 0.4, 0.5]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
-    out = augment_batch(imgs, AugmentConfig(crop_padding=padding, flip=flip), torch.Generator().manual_seed(1),
-                        mean, std, index=index)
-    assert torch.allclose(out, (sep.float() / 255 - mean) / std, atol=1e-5)
+    top, left = torch.tensor([0, 4, 2, 1, 3, 4]), torch.tensor([4, 0, 2, 3, 1, 4])
+    flip = torch.tensor([True, False, True, False, False, True])
+    out = crop_flip_gather(padded, index, top, left, flip, crop_grid(3, (9, 7), (13, 11)))
+    for k in range(6):
+        ref = padded[index[k], :, top[k]:top[k] + 9, left[k]:left[k] + 7]
+        assert torch.equal(out[k], ref.flip(-1) if flip[k] else ref)
+
+
+def test_gpu_loader_augmentation_is_crop_flip_of_the_original():
+    imgs = torch.randint(1, 256, (30, 3, 6, 6), dtype=torch.uint8)
+    ds = ArrayDataset(imgs, torch.arange(30))
+    ld = make_loader(ds, 8, train=True, device="cpu", mean=(0, 0, 0), std=(1, 1, 1), augment=AugmentConfig(crop_padding=1))
+    flipped = 0
+    for x, y in ld:
+        assert x.shape == (8, 3, 6, 6)
+        for xi, yi in zip(x, y):
+            img = (xi * 255).round().to(torch.uint8)
+            windows = torch.nn.functional.pad(imgs[yi], (1, 1, 1, 1)).unfold(1, 6, 1).unfold(2, 6, 1)  # C 3 3 6 6
+            plain = any(torch.equal(img, windows[:, a, b]) for a in range(3) for b in range(3))
+            mirror = any(torch.equal(img, windows[:, a, b].flip(-1)) for a in range(3) for b in range(3))
+            assert plain or mirror
+            flipped += mirror and not plain
+    assert 0 < flipped < 24

@@ -46,31 +46,28 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> 
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
-              index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`random_crop` then :func:`random_flip` (same random draws, same result) as one gather.
+def crop_grid(channels: int, out_hw: Tuple[int, int], padded_hw: Tuple[int, int],
+              device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """Linear offsets (2 x C x H x W, int64) of an H x W window at (0, 0) inside one C x Hp x Wp image;
+    index 0 plain, index 1 horizontally flipped. See :func:`crop_flip_gather`."""
+    (h, w), (hp, wp) = out_hw, padded_hw
+    c = torch.arange(channels, device=device).view(-1, 1, 1) * (hp * wp)
+    grid = c + torch.arange(h, device=device).view(1, -1, 1) * wp + torch.arange(w, device=device).view(1, 1, -1)
+    return torch.stack([grid, grid.flip(-1)])
 
-    Reads ``images[index]`` (all images when ``index`` is None) without materialising the padded or the
-    un-augmented batch: crop offsets and flips become per-image row/column index vectors.
+
+def crop_flip_gather(padded: torch.Tensor, index: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+                     flip: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Crop ``padded[index[k], :, top[k]:top[k]+H, left[k]:left[k]+W]`` (flipped where ``flip[k]``) for every k
+    in one gather from the contiguous uint8 N x C x Hp x Wp tensor; ``grid`` comes from :func:`crop_grid`.
+
+    A handful of kernel launches per batch whatever the batch size: the random crop + flip hot path of
+    :class:`GPULoader` (the dataset is kept zero-padded on the device, so no per-batch padding either).
     """
-    n = len(images) if index is None else len(index)
-    _, c, h, w = images.shape
-    dev = images.device
-    rows = torch.arange(h, device=dev).expand(n, h)
-    cols = torch.arange(w, device=dev).expand(n, w)
-    if padding > 0:
-        off = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=dev) - padding
-        rows, cols = rows + off[0, :, None], cols + off[1, :, None]
-    if flip:
-        flipped = torch.rand(n, generator=generator, device=dev) < 0.5
-        cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    sample = torch.arange(n, device=dev) if index is None else index
-    out = images[sample.view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
-                 rows.clamp(0, h - 1).view(n, 1, h, 1), cols.clamp(0, w - 1).view(n, 1, 1, w)]
-    if padding > 0:
-        inside = ((rows >= 0) & (rows < h)).view(n, 1, h, 1) & ((cols >= 0) & (cols < w)).view(n, 1, 1, w)
-        out = out.masked_fill_(~inside, 0)
-    return out
+    n = len(index)
+    _, c, hp, wp = padded.shape
+    start = index * (c * hp * wp) + top * wp + left
+    return padded.view(-1)[grid[flip.long()] + start.view(n, 1, 1, 1)]
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -79,22 +76,32 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, strength: float, generator: Optional[torch.Generator] = None,
+                 factors: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Brightness, contrast and saturation jitter like ``ColorJitter(s, s, s)`` on float images in [0, 1].
 
     Per-image factors are uniform in [max(0, 1 - s), 1 + s]; applied in the fixed order brightness,
     contrast (blend with the mean grey level), saturation (blend with the grey image; no-op for 1 channel).
+    ``factors`` (3 x N, brightness/contrast/saturation) replaces the draw from ``generator``.
     """
     if strength <= 0:
         return x
-    n = len(x)
-    f = torch.empty(3, n, 1, 1, 1, device=x.device).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
+    if factors is None:
+        factors = jitter_factors(len(x), strength, generator, x.device)
+    f = factors.view(3, -1, 1, 1, 1)
     x = (x * f[0]).clamp_(0, 1)
     mean_grey = _gray(x).mean((1, 2, 3), keepdim=True)
     x.mul_(f[1]).add_((1 - f[1]) * mean_grey).clamp_(0, 1)
     if x.shape[1] == 3:
         x.mul_(f[2]).add_((1 - f[2]) * _gray(x)).clamp_(0, 1)
     return x
+
+
+def jitter_factors(n: int, strength: float, generator: Optional[torch.Generator],
+                   device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """3 x n brightness/contrast/saturation factors, uniform in [max(0, 1 - s), 1 + s]."""
+    lo, hi = max(0.0, 1 - strength), 1 + strength
+    return torch.empty(3, n, device=device).uniform_(lo, hi, generator=generator)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -104,15 +111,17 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 
 def augment_batch(x: torch.Tensor, augment: Optional[AugmentConfig], generator: torch.Generator,
-                  mean: torch.Tensor, std: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """uint8 images (``x[index]`` when given) -> augmented (crop, flip, jitter) and normalised float32
-    batch, all on x's device. ``augment=None``: normalisation only."""
-    if augment is not None and (augment.crop_padding > 0 or augment.flip):
-        x = crop_flip(x, augment.crop_padding, augment.flip, generator, index)
-    elif index is not None:
-        x = x[index]
-    if augment is not None and augment.color_jitter > 0:
-        x = color_jitter(x.float() / 255, augment.color_jitter, generator)
+                  mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Reference batch augmentation: uint8 batch -> crop, flip, jitter, normalise (float32, x's device).
+
+    :class:`GPULoader` does the same with precomputed per-epoch random draws (fewer kernel launches).
+    """
+    if augment is not None:
+        x = random_crop(x, augment.crop_padding, generator)
+        if augment.flip:
+            x = random_flip(x, generator)
+        if augment.color_jitter > 0:
+            x = color_jitter(x.float() / 255, augment.color_jitter, generator)
     return normalize(x, mean, std)
 
 
@@ -132,8 +141,9 @@ class GPULoader:
 
     Training: a fresh permutation per epoch from ``(seed, epoch)`` (identical on all ranks), rank ``r`` takes
     the slice ``perm[r * m:(r + 1) * m]`` with ``m = N // world_size`` (disjoint, equal sizes; the < world_size
-    leftover images change every epoch), batches augmented on the device with a generator seeded from
-    ``(seed, epoch, rank)``. Evaluation: original order, no augmentation, last partial batch kept, rank
+    leftover images change every epoch), batches augmented on the device with random draws made once per
+    epoch from a generator seeded by ``(seed, epoch, rank)``. With crop/flip on, the training set is stored
+    zero-padded (N x C x (H+2p) x (W+2p) uint8) so a crop + flip is one gather. Evaluation: original order, no augmentation, last partial batch kept, rank
     ``r`` gets the r-th contiguous shard.
     """
 
@@ -145,8 +155,6 @@ class GPULoader:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.dataset = dataset
         self.device = torch.device(device)
-        self.images = dataset.images.to(self.device, non_blocking=True)
-        self.labels = dataset.labels.to(self.device, non_blocking=True)
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
@@ -154,18 +162,30 @@ class GPULoader:
         self.channels_last = channels_last
         self.mean, self.std = _stats(mean, std, self.device)
         self.epoch = 0
+        self.labels = dataset.labels.to(self.device, non_blocking=True)
+        self.images = dataset.images.to(self.device, non_blocking=True)
+        self.num_images = len(self.images)
+        self.pad = self.augment.crop_padding if self.augment is not None else 0
+        self.flip = bool(self.augment is not None and self.augment.flip)
+        self.jitter = float(self.augment.color_jitter) if self.augment is not None else 0.0
+        self.grid: Optional[torch.Tensor] = None
+        if self.pad > 0 or self.flip:  # keep the set zero-padded on the device; crops are single gathers
+            p = self.pad
+            self.images = F.pad(self.images, (p, p, p, p)).contiguous()
+            h, w = dataset.images.shape[-2:]
+            self.grid = crop_grid(self.images.shape[1], (h, w), self.images.shape[-2:], self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     @property
     def num_samples(self) -> int:
-        n = len(self.images)
+        n = self.num_images
         return n // self.world_size if self.train else len(_eval_shard(n, self.rank, self.world_size))
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in iteration order (CPU int64)."""
-        n = len(self.images)
+        n = self.num_images
         if not self.train:
             return _eval_shard(n, self.rank, self.world_size)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
@@ -178,11 +198,25 @@ class GPULoader:
 
     def __iter__(self) -> Iterator[Batch]:
         idx = self.indices().to(self.device, non_blocking=True)
-        gen = torch.Generator(device=self.device)
+        m, dev = len(idx), self.device
+        gen = torch.Generator(device=dev)
         gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
+        # all random draws of the epoch up front: 3 launches per epoch instead of several per batch
+        if self.grid is not None:
+            top_left = torch.randint(0, 2 * self.pad + 1, (2, m), generator=gen, device=dev)
+            flips = torch.rand(m, generator=gen, device=dev) < 0.5 if self.flip else torch.zeros(m, dtype=torch.bool, device=dev)
+        if self.jitter > 0:
+            factors = jitter_factors(m, self.jitter, gen, dev)
         for b in range(len(self)):
-            i = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            x = augment_batch(self.images, self.augment, gen, self.mean, self.std, index=i)
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            i = idx[sl]
+            if self.grid is not None:
+                x = crop_flip_gather(self.images, i, top_left[0, sl], top_left[1, sl], flips[sl], self.grid)
+            else:
+                x = self.images[i]
+            if self.jitter > 0:
+                x = color_jitter(x.float() / 255, self.jitter, factors=factors[:, sl])
+            x = normalize(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[i]
