@@ -1,6 +1,6 @@
 """The ``moecnn`` command line: train, eval, presets, analyze, report, data, info.
 
-Library errors (ValueError / FileNotFoundError / RuntimeError) are printed as one ``error: ...`` line on
+Library errors (ValueError / OSError incl. FileNotFoundError / RuntimeError / KeyError) are printed as one ``error: ...`` line on
 stderr with exit code 2; ``MOECNN_DEBUG=1`` shows the traceback instead.
 """
 from __future__ import annotations
@@ -70,14 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List presets usable with 'moecnn train --config NAME'.")
     pr.add_argument("--show", metavar="NAME", help="print the fully resolved config of one preset")
 
-    a = sub.add_parser("analyze", help="interpretability analyses of an evaluated run (utilisation, "
-                       "class/superclass allocation, specialisation)")
-    a.add_argument("run_dir")
-    a.add_argument("--split", default="test")
-    a.add_argument("--layer", help="MoE layer name (default: all)")
+    try:  # the analysis package registers its own verbs (analyze, report)
+        from .analysis import add_cli as add_analysis_cli
 
-    r = sub.add_parser("report", help="write an HTML/markdown report with the figures of a run")
-    r.add_argument("run_dir")
+        add_analysis_cli(sub)
+    except ImportError as err:
+        for verb in ("analyze", "report"):
+            v = sub.add_parser(verb, help=f"(unavailable: {err})")
+            v.add_argument("run_dir")
+            v.set_defaults(unavailable=f"'moecnn {verb}' is not available in this install ({err})")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", metavar="TOOL")
@@ -220,32 +221,12 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def _lazy(module: str, func: str):
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module, __package__), func)
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"{module.lstrip('.')}.{func} is not available in this install ({e})") from None
-
-
-def cmd_analyze(args) -> int:
-    res = _lazy(".analysis", "analyze")(args.run_dir, split=args.split, layer=args.layer)
-    print(json.dumps(res, indent=2, default=str)[:20000])
-    return 0
-
-
-def cmd_report(args) -> int:
-    path = _lazy(".analysis", "report")(args.run_dir)
-    print(f"report written to {path}")
-    return 0
-
-
-def cmd_data(args) -> int:
+def cmd_delegated(args) -> int:
+    """Verbs whose parsers (and handlers, as ``args.func``) come from other subpackages."""
     if getattr(args, "unavailable", None):
         raise RuntimeError(args.unavailable)
     if getattr(args, "func", None) is None:
-        raise ValueError("choose a data tool, e.g. 'moecnn data shapes --help'")
+        raise ValueError(f"'moecnn {args.cmd}' needs a sub-command; see 'moecnn {args.cmd} --help'")
     rv = args.func(args)
     return rv if isinstance(rv, int) else 0
 
@@ -270,8 +251,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analyze": cmd_analyze,
-            "report": cmd_report, "data": cmd_data, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analyze": cmd_delegated,
+            "report": cmd_delegated, "data": cmd_delegated, "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -282,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         return COMMANDS[args.cmd](args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
         if os.environ.get("MOECNN_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -61,6 +61,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks so every rank evaluates and saves the same model.
+
+    DDP only broadcasts buffers at the start of a forward, so without this each rank keeps the statistics
+    of its own last batch. Other buffers (hard-constraint state) are left alone: the MoE layer keeps them
+    in sync itself (tests/test_ddp.py checks that)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bufs = [b for m in bns for b in (m.running_mean, m.running_var) if b is not None]
+    if bufs:
+        flat = torch.cat([b.reshape(-1).float() for b in bufs])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

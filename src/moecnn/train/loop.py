@@ -114,6 +114,11 @@ def _fmt(x: Optional[float], pct: bool = True) -> str:
 
 def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
     """Train a classification model into ``run_dir``; returns final.json's content (or a stop notice)."""
+    return run(cfg, run_dir, resume)[0]
+
+
+def run(cfg: DictConfig, run_dir, resume: bool = False):
+    """Like :func:`train` but returns ``(result, trained model)`` (the model of this rank, unwrapped)."""
     from ..data import build_data, make_loader
     from ..models import build_model
 
@@ -241,6 +246,7 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
                 nn.utils.clip_grad_norm_(raw.parameters(), o.grad_clip)
             scaler.step(opt)
             scaler.update()
+            lr = opt.param_groups[0]["lr"]  # the lr this step used (a host float: no sync)
             sched.step()
             b = y.shape[0]
             n_img += b
@@ -260,6 +266,7 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
         if D.all_reduce_sum(bad.float()).item() > 0:
             _nonfinite(run_dir, epoch, len(loader) - 1)
 
+        D.average_buffers(raw)
         # one reduction + one host copy for all epoch statistics
         keys = list(sums)
         flat = torch.cat([torch.stack([sums[k] for k in keys] + [correct.float(), seen.float()])]
@@ -268,7 +275,7 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
         elapsed = time.perf_counter() - t0
         total_seen = vals[len(keys) + 1]
         losses = {k: vals[i] / total_seen for i, k in enumerate(keys)}
-        rec = {"epoch": epoch, "lr": sched.get_last_lr()[0],
+        rec = {"epoch": epoch, "lr": lr,
                "train": {"loss": sum(losses.values()), **{f"loss/{k}": v for k, v in losses.items()},
                          "top1": 100 * vals[len(keys)] / total_seen},
                "images_per_s": n_img * d.world_size / elapsed, "time_s": elapsed, "warnings": []}
@@ -279,16 +286,7 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
                 v = vals[pos: pos + m.num_experts]
                 pos += m.num_experts
                 rec["routing"].setdefault(n, {})[arr] = v
-        for n, m in layers.items():
-            r = rec["routing"][n]
-            tot_units = sum(r["importance"]) or 1.0
-            r["importance"] = [v / tot_units for v in r["importance"]]  # mean share, sums to 1
-            r["routed"] = [v / tot_units for v in r["routed"]]  # share of images routed to it, sums to k
-            r["living"] = sum(v > 0.01 for v in r["importance"])
-            streak[n] = streak[n] + 1 if r["living"] < m.num_experts / 2 else 0
-            if streak[n] >= t.collapse_patience:
-                rec["warnings"].append(f"routing collapse in '{n}': only {r['living']} of {m.num_experts} experts "
-                                       f"alive (importance share > 0.01) for {streak[n]} epochs")
+        rec["warnings"] += routing_health(rec["routing"], streak, t.collapse_patience)
         last = epoch + 1 == t.epochs
         if val_loader is not None and ((epoch + 1) % t.eval_every == 0 or last):
             val = evaluate(raw, val_loader, bundle.num_classes, d.device, t.precision)
@@ -318,7 +316,7 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
         if d.main:
             progress.line(f"stopped after epoch {epoch} as asked (train.stop_after_epochs); "
                           f"continue with: moecnn train --resume {run_dir}")
-        return {"stopped_after_epoch": epoch, "run_dir": str(run_dir)}
+        return {"stopped_after_epoch": epoch, "run_dir": str(run_dir)}, raw
 
     final = None
     if d.main:
@@ -330,7 +328,28 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
         msg = f"done: test top-1 {_fmt(test and test['top1'])}, top-5 {_fmt(test and test['top5'])}"
         progress.line(f"{msg} (last epoch); val top-1 {_fmt(val and val['top1'])}. "
                       f"Results: {run_dir / 'final.json'}, per-epoch metrics: {run_dir / 'metrics.jsonl'}")
-    return D.broadcast_object(final)
+    return D.broadcast_object(final), raw
+
+
+def routing_health(stats: Dict[str, Dict], streak: Dict[str, int], patience: int) -> list:
+    """Normalise epoch sums to shares, count living experts (share > 0.01), update collapse streaks.
+
+    ``stats[layer]`` holds summed ``importance`` and ``routed`` counts; afterwards ``importance`` is the mean
+    gate-weight share (sums to 1), ``routed`` the share of images routed to each expert (sums to k).
+    Returns warnings for layers with < N/2 living experts for ``patience`` epochs in a row.
+    """
+    warnings = []
+    for n, r in stats.items():
+        num = len(r["importance"])
+        tot_units = sum(r["importance"]) or 1.0
+        r["importance"] = [v / tot_units for v in r["importance"]]
+        r["routed"] = [v / tot_units for v in r["routed"]]
+        r["living"] = sum(v > 0.01 for v in r["importance"])
+        streak[n] = streak.get(n, 0) + 1 if r["living"] < num / 2 else 0
+        if streak[n] >= patience:
+            warnings.append(f"routing collapse in '{n or 'moe'}': only {r['living']} of {num} experts alive "
+                            f"(importance share > 0.01) for {streak[n]} epochs in a row")
+    return warnings
 
 
 def _nonfinite(run_dir: Path, epoch: int, step: int) -> None:
