@@ -141,3 +141,16 @@ def test_analyze_attributes_gt_to_levels():
     assert g["levels"][0] >= g["levels"][1]
     assert len(info["level_weights"]["cls"]) == 5
     assert isinstance(model, MoERetinaNet) and isinstance(model.head.classification_head, _MoEHeadMixin)
+
+
+@pytest.mark.parametrize("routing", ["level", "anchor"])
+def test_bf16_autocast_train_and_eval(routing):
+    model = create_model("retinanet_resnet18_fpn_moe", routing=routing, **SMALL)
+    images, targets = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _train_step(model)
+        model.eval()
+        model.score_thresh = 0.0
+        dets = model(images)
+    assert dets[0]["boxes"].dtype == torch.float32 and len(dets[0]["experts"]) > 0
+    assert model.head.level_records["cls"][0].weights.dtype == torch.float32

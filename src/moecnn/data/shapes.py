@@ -67,12 +67,11 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
     ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
     iw = max(0.0, min(ax2, bx2) - max(a[0], b[0]))
     ih = max(0.0, min(ay2, by2) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter + 1e-9)
+    return iw * ih / (min(a[2] * a[3], b[2] * b[3]) + 1e-9)  # overlap relative to the smaller box
 
 
 def _draw(draw: ImageDraw.ImageDraw, cls: int, x: int, y: int, s: int, colour) -> List[float]:
@@ -119,7 +118,7 @@ def _make_split(
                 x = int(rng.integers(0, image_size - s + 1))
                 y = int(rng.integers(0, image_size - s + 1))
                 box = [float(x), float(y), float(s), float(s)]
-                if all(_iou(box, p) < 0.15 for p in placed):
+                if all(_overlap(box, p) < 0.05 for p in placed):
                     break
             else:
                 continue
@@ -160,7 +159,7 @@ def generate_shapes(
     """
     out = Path(out_dir)
     params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size), seed=int(seed),
-                  size_mix=[float(v) for v in size_mix], max_objects=int(max_objects), version=1)
+                  size_mix=[float(v) for v in size_mix], max_objects=int(max_objects), version=2)
     paths = {
         "train_json": str(out / "annotations" / "instances_train.json"),
         "train_images": str(out / "images" / "train"),

@@ -105,6 +105,19 @@ def _to_anchor_layout(y: Tensor, per_anchor: int) -> Tensor:
     return y.view(b, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, per_anchor)
 
 
+class _FP32Gate(nn.Module):
+    """Runs a gate outside autocast in float32: routing decisions stay exact under bf16 training and the
+    MoE's top-k/scatter see one dtype (the experts still run in bf16)."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.gate(x.float()).float()
+
+
 class _MoEHeadMixin:
     """Shared forward of the MoE heads: one MoE call per FPN level, records collected per forward."""
 
@@ -118,6 +131,7 @@ class _MoEHeadMixin:
         flatten = routing_mode == "level"
         experts = [HeadTower(flatten=flatten, **tower_kwargs) for _ in range(num_experts)]
         self.moe = MoE(experts, gate=gate, k=k, in_channels=tower_kwargs["in_channels"], **moe_kwargs)
+        self.moe.gate = _FP32Gate(self.moe.gate)
         # the gate decides per-image vs per-position routing: check it matches the requested mode
         with torch.no_grad():
             probe = self.moe.gate(torch.zeros(1, tower_kwargs["in_channels"], 4, 4))
@@ -254,6 +268,10 @@ class MoERetinaNetHead(RetinaNetHead):
             self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors, norm_layer=norm_layer)
         self.moe_heads = moe_heads
         self.routing_mode = routing
+
+    def forward(self, x):
+        # float32 outputs: box decoding and the losses stay exact under bf16 autocast
+        return {"cls_logits": self.classification_head(x).float(), "bbox_regression": self.regression_head(x).float()}
 
     @property
     def level_records(self) -> Dict[str, List[RoutingRecord]]:
