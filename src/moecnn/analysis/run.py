@@ -325,256 +325,291 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
     bundle = None
     mean = std = None
     steps = tqdm(total=8, desc="analyze", disable=not progress)
+    try:
 
-    def _load_model():
-        nonlocal model, bundle, mean, std
-        if model is not None and bundle is not None:
-            return
-        from ..train.runs import load_run
+        def _load_model():
+            nonlocal model, bundle, mean, std
+            if model is not None and bundle is not None:
+                return
+            from ..train.runs import load_run
 
-        m, _cfg, b = load_run(run_dir, which="last", device=device)
-        model = model or m
-        bundle = b
-        mean, std = getattr(b, "mean", None), getattr(b, "std", None)
+            m, _cfg, b = load_run(run_dir, which="last", device=device)
+            model = model or m
+            bundle = b
+            mean, std = getattr(b, "mean", None), getattr(b, "std", None)
 
-    # ---- routing
-    t0 = time.perf_counter()
-    source = None
-    if routing is not None:
-        rt = load_routing(routing)
-        source = str(routing) if isinstance(routing, (str, Path)) else "arrays passed to analyze()"
-    elif model is not None and images is not None and labels is not None:
-        rt = compute_routing(model, images, np.asarray(labels), mean, std, device=device, progress=progress)
-        source = "computed with the model passed to analyze()"
-    else:
-        for f in (run_dir / "eval" / f"routing_{split}.npz", out / f"routing_{split}.npz"):
-            if f.is_file():
-                rt, source = load_routing(f), str(f)
-                break
+        # ---- routing
+        t0 = time.perf_counter()
+        source = None
+        if routing is not None:
+            rt = load_routing(routing)
+            source = str(routing) if isinstance(routing, (str, Path)) else "arrays passed to analyze()"
+        elif model is not None and images is not None and labels is not None:
+            rt = compute_routing(model, images, np.asarray(labels), mean, std, device=device, progress=progress)
+            source = "computed with the model passed to analyze()"
         else:
-            if model is None or images is None:
-                _load_model()
-            ds = getattr(bundle, split, None) if bundle is not None else None
-            if images is None:
-                if ds is None:
-                    raise ValueError(f"no routing file and no '{split}' data for {run_dir}")
-                images = np.asarray(ds.images)
-                labels_arr = np.asarray(ds.labels)
+            ck = run_dir / "checkpoint.pt"
+            for f in (run_dir / "eval" / f"routing_{split}.npz", out / f"routing_{split}.npz"):
+                if f.is_file() and not (f.parent == out and ck.is_file() and ck.stat().st_mtime > f.stat().st_mtime):
+                    rt, source = load_routing(f), str(f)
+                    break
             else:
-                raise ValueError("images without labels: pass labels= or routing= (with labels)")
-            rt = compute_routing(model, images, labels_arr, mean, std, device=device, progress=progress)
-            save_routing(out / f"routing_{split}.npz", rt)
-            source = f"computed with the model ({out / f'routing_{split}.npz'})"
-    labels = rt["labels"]
-    m_img = labels.shape[0]
-    timing["routing"] = time.perf_counter() - t0
-    steps.update(1)
-
-    # ---- names and images
-    if images is None and "images" in rt:
-        images = rt["images"]
-    if images is None or class_names is None:
-        try:
-            if bundle is None and (run_dir / "config.yaml").is_file():
-                from ..data import build_data
-                from ..train.config import TrainConfig, load_config
-                from ..train.runs import load_config_file
-
-                tcfg = load_config(schema=TrainConfig, base=load_config_file(run_dir))
-                bundle = build_data(tcfg.data)
-                mean, std = bundle.mean, bundle.std
-        except Exception as e:  # data not available here: analyses without thumbnails
-            notes.append(f"run data not loaded ({type(e).__name__}: {e}); image figures need it")
-    if bundle is not None:
-        ds = getattr(bundle, split, None)
-        if images is None and ds is not None and len(ds) == m_img:
-            if np.array_equal(np.asarray(ds.labels), labels):
-                images = np.asarray(ds.images)
-            else:
-                notes.append(f"the run's {split} labels do not match the routing file; no thumbnails")
-        class_names = class_names or list(bundle.class_names)
-        superclass_names = superclass_names or (list(bundle.superclass_names) if bundle.superclass_names else None)
-        class_to_super = class_to_super or (list(bundle.class_to_super) if bundle.class_to_super else None)
-    if class_names is None and "class_names" in rt:
-        class_names = [str(s) for s in rt["class_names"]]
-    if superclass_names is None and "superclass_names" in rt and len(rt["superclass_names"]):
-        superclass_names = [str(s) for s in rt["superclass_names"]]
-    n_classes = max(int(labels.max()) + 1 if m_img else 0, len(class_names or []))
-    if class_names is None:
-        class_names = [f"class {i}" for i in range(n_classes)]
-    if class_to_super is None and "class_to_super" in rt:
-        class_to_super = [int(v) for v in rt["class_to_super"]]
-    if class_to_super is None and "superlabels" in rt:
-        class_to_super = _super_from_labels(labels, rt["superlabels"], n_classes)
-    superlabels = np.asarray(class_to_super, dtype=np.int64)[labels] if class_to_super is not None else None
-    if superlabels is not None and superclass_names is None:
-        superclass_names = [f"superclass {i}" for i in range(int(np.max(class_to_super)) + 1)]
-    if images is not None and len(images) != m_img:
-        notes.append(f"{len(images)} images but {m_img} routing rows; no thumbnails")
-        images = None
-    summary.update({"n_images": int(m_img), "class_names": list(class_names),
-                    "superclass_names": list(superclass_names) if superclass_names else None,
-                    "class_to_super": list(map(int, class_to_super)) if class_to_super is not None else None,
-                    "sources": {"routing": source}})
-    steps.update(1)
-
-    # ---- layers
-    layer_names = list(rt["layers"])
-    if layer is not None:
-        if layer not in rt["layers"]:
-            raise ValueError(f"no MoE layer named '{layer}' in the routing; layers: {', '.join(layer_names)}")
-        layer_names = [layer]
-    summary["layers"] = layer_names
-    steps.total = 4 + 4 * len(layer_names)
-    steps.refresh()
-    per_layer: Dict[str, Dict] = {}
-    tsne_idx = subsample(m_img, max_tsne, seed, labels=labels)
-    for name in layer_names:
-        d = rt["layers"][name]
-        w, lg = d["weights"].astype(np.float64), d["logits"]
-        n_exp = w.shape[1]
-        slug = _slug(name)
-        L: Dict[str, Any] = {"num_experts": int(n_exp), "spatial_averaged": bool(d.get("spatial", False))}
-        figures: Dict[str, str] = {}
-        expert_names = [f"E{i}" for i in range(n_exp)]
-        t0 = time.perf_counter()
-        util = stats.utilisation(w, lg)
-        L["utilisation"] = util
-        figures["utilisation"] = _write(fig_dir / f"{slug}_utilisation.png", figs.bar_utilisation(util))
-        if n_exp >= 2:
-            co = stats.coactivation(w, lg)
-            L["coactivation"] = {"counts": co.tolist(), "top_pairs": stats.top_pairs(co, m_img)}
-            figures["coactivation"] = _write(fig_dir / f"{slug}_coactivation.png", figs.heatmap(
-                co, expert_names, expert_names, "images whose top-2 experts are {row, column}", cmap="Blues",
-                fmt=".0f", ylabel="expert"))
-        chosen = stats.top1(w, lg)
-        # class / superclass matrices
-        mat, counts = stats.group_expert_matrix(w, labels, n_classes)
-        tops = stats.top_groups_per_expert(mat, class_names, n=5)
-        L["class_expert"] = {"matrix": np.where(np.isfinite(mat), mat, None).tolist(), "counts": counts.tolist(),
-                             "top": tops, "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(tops)]}
-        figures["class_expert"] = _write(fig_dir / f"{slug}_class_expert.png", figs.heatmap(
-            mat, class_names, expert_names, "mean gate weight per class", ylabel="class"))
-        if superlabels is not None:
-            ns = len(superclass_names)
-            smat, scounts = stats.group_expert_matrix(w, superlabels, ns)
-            stops = stats.top_groups_per_expert(smat, superclass_names, n=3)
-            L["superclass_expert"] = {"matrix": np.where(np.isfinite(smat), smat, None).tolist(),
-                                      "counts": scounts.tolist(), "top": stops,
-                                      "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(stops)]}
-            figures["superclass_expert"] = _write(fig_dir / f"{slug}_superclass_expert.png", figs.heatmap(
-                smat, superclass_names, expert_names, "mean gate weight per superclass", ylabel="superclass"))
+                if model is None or images is None:
+                    _load_model()
+                ds = getattr(bundle, split, None) if bundle is not None else None
+                if images is None:
+                    if ds is None:
+                        raise ValueError(f"no routing file and no '{split}' data for {run_dir}")
+                    images = np.asarray(ds.images)
+                    labels_arr = np.asarray(ds.labels)
+                else:
+                    raise ValueError("images without labels: pass labels= or routing= (with labels)")
+                rt = compute_routing(model, images, labels_arr, mean, std, device=device, progress=progress)
+                save_routing(out / f"routing_{split}.npz", rt)
+                source = f"computed with the model ({out / f'routing_{split}.npz'})"
+        labels = rt["labels"]
+        m_img = labels.shape[0]
+        timing["routing"] = time.perf_counter() - t0
         steps.update(1)
-        # specialisation
-        spec = {"class": stats.specialisation(chosen, labels, n_perm=n_perm, seed=seed, n_labels=n_classes)}
-        if superlabels is not None:
-            spec["superclass"] = stats.specialisation(chosen, superlabels, n_perm=n_perm, seed=seed,
-                                                      n_labels=len(superclass_names))
-        L["specialisation"] = spec
-        timing[f"{name}/stats"] = time.perf_counter() - t0
+
+        # ---- names and images
+        if images is None and "images" in rt:
+            images = rt["images"]
+        if images is None or class_names is None:
+            try:
+                if bundle is None and (run_dir / "config.yaml").is_file():
+                    from ..data import build_data
+                    from ..train.config import TrainConfig, load_config
+                    from ..train.runs import load_config_file
+
+                    tcfg = load_config(schema=TrainConfig, base=load_config_file(run_dir))
+                    bundle = build_data(tcfg.data)
+                    mean, std = bundle.mean, bundle.std
+            except Exception as e:  # data not available here: analyses without thumbnails
+                notes.append(f"run data not loaded ({type(e).__name__}: {e}); image figures need it")
+        if bundle is not None:
+            ds = getattr(bundle, split, None)
+            if images is None and ds is not None and len(ds) == m_img:
+                if np.array_equal(np.asarray(ds.labels), labels):
+                    images = np.asarray(ds.images)
+                else:
+                    notes.append(f"the run's {split} labels do not match the routing file; no thumbnails")
+            class_names = class_names or list(bundle.class_names)
+            superclass_names = superclass_names or (list(bundle.superclass_names) if bundle.superclass_names else None)
+            class_to_super = class_to_super or (list(bundle.class_to_super) if bundle.class_to_super else None)
+        if class_names is None and "class_names" in rt:
+            class_names = [str(s) for s in rt["class_names"]]
+        if superclass_names is None and "superclass_names" in rt and len(rt["superclass_names"]):
+            superclass_names = [str(s) for s in rt["superclass_names"]]
+        n_classes = max(int(labels.max()) + 1 if m_img else 0, len(class_names or []))
+        if class_names is None:
+            class_names = [f"class {i}" for i in range(n_classes)]
+        if class_to_super is None and "class_to_super" in rt:
+            class_to_super = [int(v) for v in rt["class_to_super"]]
+        if class_to_super is None and "superlabels" in rt:
+            class_to_super = _super_from_labels(labels, rt["superlabels"], n_classes)
+        superlabels = np.asarray(class_to_super, dtype=np.int64)[labels] if class_to_super is not None else None
+        if superlabels is not None and superclass_names is None:
+            superclass_names = [f"superclass {i}" for i in range(int(np.max(class_to_super)) + 1)]
+        if images is not None and len(images) != m_img:
+            notes.append(f"{len(images)} images but {m_img} routing rows; no thumbnails")
+            images = None
+        summary.update({"n_images": int(m_img), "class_names": list(class_names),
+                        "superclass_names": list(superclass_names) if superclass_names else None,
+                        "class_to_super": list(map(int, class_to_super)) if class_to_super is not None else None,
+                        "sources": {"routing": source}})
         steps.update(1)
-        # extremes
-        ext = stats.extreme_images(w, n_extreme, lg)
-        L["extreme_images"] = {
-            "most": ext["most"], "least": ext["least"],
-            "most_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["most"])],
-            "least_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["least"])],
-            "most_labels": [[class_names[labels[i]] for i in ids] for ids in ext["most"]],
-            "least_labels": [[class_names[labels[i]] for i in ids] for ids in ext["least"]],
-        }
-        if images is not None:
-            for kind in ("most", "least"):
-                for e, ids in enumerate(ext[kind]):
-                    figures[f"{kind}_E{e}"] = _write(fig_dir / f"{slug}_{kind}_E{e}.png",
-                                                      figs.image_png(montage(images[ids], cols=n_extreme, min_side=48)))
-        # t-SNE of raw gate logits
-        t0 = time.perf_counter()
-        coords = tsne_embed(lg[tsne_idx], seed=seed)
-        timing[f"{name}/tsne"] = time.perf_counter() - t0
-        steps.update(1)
-        L["tsne"] = {"n_points": int(len(tsne_idx)), "seed": int(seed), "input": "raw gate logits",
-                     "indices": tsne_idx.tolist(), "coords": np.round(coords, 4).tolist()}
-        if superlabels is not None:
-            figures["tsne_superclass"] = _write(fig_dir / f"{slug}_tsne_superclass.png", figs.tsne_scatter(
-                coords, superlabels[tsne_idx], superclass_names, "t-SNE of gate logits, coloured by superclass"))
-        figures["tsne_class"] = _write(fig_dir / f"{slug}_tsne_class.png", figs.tsne_scatter(
-            coords, labels[tsne_idx], class_names, "t-SNE of gate logits, coloured by class"))
-        figures["tsne_expert"] = _write(fig_dir / f"{slug}_tsne_expert.png", figs.tsne_scatter(
-            coords, chosen[tsne_idx], expert_names, "t-SNE of gate logits, coloured by chosen expert"))
-        if images is not None:
+
+        # ---- layers
+        layer_names = list(rt["layers"])
+        if layer is not None:
+            if layer not in rt["layers"]:
+                raise ValueError(f"no MoE layer named '{layer}' in the routing; layers: {', '.join(layer_names)}")
+            layer_names = [layer]
+        summary["layers"] = layer_names
+        steps.total = 4 + 4 * len(layer_names)
+        steps.refresh()
+        per_layer: Dict[str, Dict] = {}
+        tsne_idx = subsample(m_img, max_tsne, seed, labels=labels)
+        for name in layer_names:
+            d = rt["layers"][name]
+            w, lg = d["weights"].astype(np.float64), d["logits"]
+            n_exp = w.shape[1]
+            slug = _slug(name)
+            L: Dict[str, Any] = {"num_experts": int(n_exp), "spatial_averaged": bool(d.get("spatial", False))}
+            figures: Dict[str, str] = {}
+            expert_names = [f"E{i}" for i in range(n_exp)]
             t0 = time.perf_counter()
-            pal = figs.expert_palette(n_exp)
-            sub_imgs = images[tsne_idx]
-            side = max(np.asarray(images).shape[-2:]) if np.asarray(images).shape[1] in (1, 3, 4) else 32
-            thumb = 32 if side < 32 else (48 if side > 48 else None)  # readable, bounded canvas size
-            figures["tsne_thumbnails"] = _write(fig_dir / f"{slug}_tsne_thumbnails.png", figs.image_png(
-                thumbnail_canvas(coords, sub_imgs, grid=30, thumb=thumb, borders=chosen[tsne_idx], palette=pal)))
-            for e in range(n_exp):
-                sel = chosen[tsne_idx] == e
-                figures[f"tsne_E{e}"] = _write(fig_dir / f"{slug}_tsne_E{e}.png", figs.image_png(
-                    thumbnail_canvas(coords[sel], sub_imgs[sel], grid=18, thumb=thumb) if sel.any()
-                    else np.full((32, 32, 3), 255, np.uint8)))
-            timing[f"{name}/thumbnails"] = time.perf_counter() - t0
+            util = stats.utilisation(w, lg)
+            L["utilisation"] = util
+            figures["utilisation"] = _write(fig_dir / f"{slug}_utilisation.png", figs.bar_utilisation(util))
+            if n_exp >= 2:
+                co = stats.coactivation(w, lg)
+                L["coactivation"] = {"counts": co.tolist(), "top_pairs": stats.top_pairs(co, m_img)}
+                figures["coactivation"] = _write(fig_dir / f"{slug}_coactivation.png", figs.heatmap(
+                    co, expert_names, expert_names, "images whose top-2 experts are {row, column}", cmap="Blues",
+                    fmt=".0f", ylabel="expert"))
+            chosen = stats.top1(w, lg)
+            # class / superclass matrices
+            mat, counts = stats.group_expert_matrix(w, labels, n_classes)
+            tops = stats.top_groups_per_expert(mat, class_names, n=5)
+            L["class_expert"] = {"matrix": np.where(np.isfinite(mat), mat, None).tolist(), "counts": counts.tolist(),
+                                 "top": tops, "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(tops)]}
+            figures["class_expert"] = _write(fig_dir / f"{slug}_class_expert.png", figs.heatmap(
+                mat, class_names, expert_names, "mean gate weight per class", ylabel="class"))
+            if superlabels is not None:
+                ns = len(superclass_names)
+                smat, scounts = stats.group_expert_matrix(w, superlabels, ns)
+                stops = stats.top_groups_per_expert(smat, superclass_names, n=3)
+                L["superclass_expert"] = {"matrix": np.where(np.isfinite(smat), smat, None).tolist(),
+                                          "counts": scounts.tolist(), "top": stops,
+                                          "top_text": [f"expert {e}: {', '.join(t)}" for e, t in enumerate(stops)]}
+                figures["superclass_expert"] = _write(fig_dir / f"{slug}_superclass_expert.png", figs.heatmap(
+                    smat, superclass_names, expert_names, "mean gate weight per superclass", ylabel="superclass"))
+            steps.update(1)
+            # specialisation
+            spec = {"class": stats.specialisation(chosen, labels, n_perm=n_perm, seed=seed, n_labels=n_classes)}
+            if superlabels is not None:
+                spec["superclass"] = stats.specialisation(chosen, superlabels, n_perm=n_perm, seed=seed,
+                                                          n_labels=len(superclass_names))
+            L["specialisation"] = spec
+            timing[f"{name}/stats"] = time.perf_counter() - t0
+            steps.update(1)
+            # extremes
+            ext = stats.extreme_images(w, n_extreme, lg)
+            L["extreme_images"] = {
+                "most": ext["most"], "least": ext["least"],
+                "most_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["most"])],
+                "least_weight": [[float(w[i, e]) for i in ids] for e, ids in enumerate(ext["least"])],
+                "most_labels": [[class_names[labels[i]] for i in ids] for ids in ext["most"]],
+                "least_labels": [[class_names[labels[i]] for i in ids] for ids in ext["least"]],
+            }
+            if images is not None:
+                for kind in ("most", "least"):
+                    for e, ids in enumerate(ext[kind]):
+                        figures[f"{kind}_E{e}"] = _write(fig_dir / f"{slug}_{kind}_E{e}.png",
+                                                          figs.image_png(montage(images[ids], cols=n_extreme, min_side=48)))
+            # t-SNE of raw gate logits
+            t0 = time.perf_counter()
+            coords = tsne_embed(lg[tsne_idx], seed=seed)
+            timing[f"{name}/tsne"] = time.perf_counter() - t0
+            steps.update(1)
+            L["tsne"] = {"n_points": int(len(tsne_idx)), "seed": int(seed), "input": "raw gate logits",
+                         "indices": tsne_idx.tolist(), "coords": np.round(coords, 4).tolist()}
+            if superlabels is not None:
+                figures["tsne_superclass"] = _write(fig_dir / f"{slug}_tsne_superclass.png", figs.tsne_scatter(
+                    coords, superlabels[tsne_idx], superclass_names, "t-SNE of gate logits, coloured by superclass"))
+            figures["tsne_class"] = _write(fig_dir / f"{slug}_tsne_class.png", figs.tsne_scatter(
+                coords, labels[tsne_idx], class_names, "t-SNE of gate logits, coloured by class"))
+            figures["tsne_expert"] = _write(fig_dir / f"{slug}_tsne_expert.png", figs.tsne_scatter(
+                coords, chosen[tsne_idx], expert_names, "t-SNE of gate logits, coloured by chosen expert"))
+            if images is not None:
+                t0 = time.perf_counter()
+                pal = figs.expert_palette(n_exp)
+                sub_imgs = images[tsne_idx]
+                side = max(np.asarray(images).shape[-2:]) if np.asarray(images).shape[1] in (1, 3, 4) else 32
+                thumb = 32 if side < 32 else (48 if side > 48 else None)  # readable, bounded canvas size
+                figures["tsne_thumbnails"] = _write(fig_dir / f"{slug}_tsne_thumbnails.png", figs.image_png(
+                    thumbnail_canvas(coords, sub_imgs, grid=30, thumb=thumb, borders=chosen[tsne_idx], palette=pal)))
+                for e in range(n_exp):
+                    sel = chosen[tsne_idx] == e
+                    figures[f"tsne_E{e}"] = _write(fig_dir / f"{slug}_tsne_E{e}.png", figs.image_png(
+                        thumbnail_canvas(coords[sel], sub_imgs[sel], grid=18, thumb=thumb) if sel.any()
+                        else np.full((32, 32, 3), 255, np.uint8)))
+                timing[f"{name}/thumbnails"] = time.perf_counter() - t0
+            steps.update(1)
+            L["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
+            per_layer[name] = {k: L[k] for k in _LAYER_ORDER if k in L}
+        summary["per_layer"] = per_layer
+
+        # ---- accuracy
+        t0 = time.perf_counter()
+        acc = accuracy
+        acc_layer_note = None
+        if acc is None:
+            acc = read_eval_accuracy(run_dir, split)
+        if acc is None and compute_accuracy_with_model and (model is not None or (run_dir / "checkpoint.pt").is_file()):
+            try:
+                if model is None or (images is None and bundle is None):
+                    _load_model()
+                ds = getattr(bundle, split, None) if bundle is not None else None
+                img_acc = images if images is not None else (np.asarray(ds.images) if ds is not None else None)
+                if img_acc is not None:
+                    acc = compute_accuracy(model, img_acc, labels, n_classes, class_to_super, mean, std, layer=layer,
+                                           device=device, progress=progress)
+            except Exception as e:
+                notes.append(f"accuracy not computed ({type(e).__name__}: {e})")
+        if acc is None and rt.get("preds") is not None:
+            acc = {"source": "predictions in the routing file", "default": _accuracy_from_preds(
+                rt["preds"], labels, n_classes, class_to_super)}
+        if acc is not None:
+            acc = dict(acc)
+            afig = {}
+            for group, title in (("k_sweep", "accuracy vs test-time k"), ("forced", "each expert forced alone"),
+                                 ("disabled", "each expert removed")):
+                if acc.get(group):
+                    keys = list(acc[group])
+                    lab = [f"k={k}" if group == "k_sweep" else f"E{k}" for k in keys]
+                    afig[group] = "figures/" + _write(fig_dir / f"accuracy_{group}.png", figs.accuracy_bars(
+                        lab, [acc[group][k].get("top1") for k in keys], title,
+                        ref=(acc.get("default") or {}).get("top1")))
+            acc["figures"] = afig
+        summary["accuracy"] = acc
+        timing["accuracy"] = time.perf_counter() - t0
         steps.update(1)
-        L["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
-        per_layer[name] = L
-    summary["per_layer"] = per_layer
 
-    # ---- accuracy
-    t0 = time.perf_counter()
-    acc = accuracy
-    acc_layer_note = None
-    if acc is None:
-        acc = read_eval_accuracy(run_dir, split)
-    if acc is None and compute_accuracy_with_model and (model is not None or (run_dir / "checkpoint.pt").is_file()):
-        try:
-            if model is None or (images is None and bundle is None):
-                _load_model()
-            ds = getattr(bundle, split, None) if bundle is not None else None
-            img_acc = images if images is not None else (np.asarray(ds.images) if ds is not None else None)
-            if img_acc is not None:
-                acc = compute_accuracy(model, img_acc, labels, n_classes, class_to_super, mean, std, layer=layer,
-                                       device=device, progress=progress)
-        except Exception as e:
-            notes.append(f"accuracy not computed ({type(e).__name__}: {e})")
-    if acc is None and rt.get("preds") is not None:
-        acc = {"source": "predictions in the routing file", "default": _accuracy_from_preds(
-            rt["preds"], labels, n_classes, class_to_super)}
-    if acc is not None:
-        acc = dict(acc)
-        afig = {}
-        for group, title in (("k_sweep", "accuracy vs test-time k"), ("forced", "each expert forced alone"),
-                             ("disabled", "each expert removed")):
-            if acc.get(group):
-                keys = list(acc[group])
-                lab = [f"k={k}" if group == "k_sweep" else f"E{k}" for k in keys]
-                afig[group] = "figures/" + _write(fig_dir / f"accuracy_{group}.png", figs.accuracy_bars(
-                    lab, [acc[group][k].get("top1") for k in keys], title,
-                    ref=(acc.get("default") or {}).get("top1")))
-        acc["figures"] = afig
-    summary["accuracy"] = acc
-    timing["accuracy"] = time.perf_counter() - t0
-    steps.update(1)
-
-    # ---- utilisation over training
-    ev = stats.epoch_utilisation(_read_metrics(run_dir))
-    train_figs = {}
-    for name, d in ev.items():
-        if layer is not None and name != layer:
-            continue
-        train_figs[name] = "figures/" + _write(fig_dir / f"{_slug(name)}_epochs.png",
-                                               figs.epochs_plot(d, f"utilisation during training: {name}"))
-    summary["training"] = {"per_layer": {k: v for k, v in ev.items() if layer is None or k == layer},
-                           "figures": train_figs} if ev else None
-    steps.update(1)
-    steps.close()
+        # ---- utilisation over training
+        ev = stats.epoch_utilisation(_read_metrics(run_dir))
+        train_figs = {}
+        for name, d in ev.items():
+            if layer is not None and name != layer:
+                continue
+            train_figs[name] = "figures/" + _write(fig_dir / f"{_slug(name)}_epochs.png",
+                                                   figs.epochs_plot(d, f"utilisation during training: {name}"))
+        summary["training"] = {"per_layer": {k: v for k, v in ev.items() if layer is None or k == layer},
+                               "figures": train_figs} if ev else None
+        steps.update(1)
+    finally:
+        steps.close()
     timing["total"] = time.perf_counter() - t_start
     summary["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     summary["notes"] = notes
     summary["params"] = {"max_tsne": int(max_tsne), "n_perm": int(n_perm), "seed": int(seed),
                          "living_threshold": stats.LIVING_THRESHOLD, "n_extreme": int(n_extreme)}
+    summary["headline"] = headline(summary)
+    summary = {k: summary[k] for k in _TOP_ORDER if k in summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     return summary
+
+
+_TOP_ORDER = ("schema_version", "run_dir", "split", "task", "created", "n_images", "layers", "headline", "sources",
+              "notes", "params", "timing_s", "per_layer", "accuracy", "training", "class_names",
+              "superclass_names", "class_to_super")
+_LAYER_ORDER = ("num_experts", "spatial_averaged", "utilisation", "specialisation", "superclass_expert",
+                "class_expert", "coactivation", "extreme_images", "figures", "tsne")
+
+
+def headline(summary: Dict) -> Dict[str, Dict]:
+    """Per layer, the key numbers in one small dict (also stored as ``summary["headline"]``)."""
+    out = {}
+    for name, L in summary.get("per_layer", {}).items():
+        u, s = L["utilisation"], L["specialisation"]
+        h = {"mean_importance": [round(v, 4) for v in u["mean_importance"]], "cv_imp": round(u["cv_imp"], 4),
+             "cv_act": round(u["cv_act"], 4), "n_living": u["n_living"], "num_experts": L["num_experts"]}
+        for lvl in ("superclass", "class"):
+            if s.get(lvl):
+                h[f"nmi_{lvl}"] = round(s[lvl]["nmi"], 4)
+                h[f"nmi_{lvl}_p"] = round(s[lvl]["nmi_p"], 4)
+                h[f"nmi_{lvl}_null_max"] = round(s[lvl]["nmi_null_max"], 4) if s[lvl]["nmi_null_max"] is not None \
+                    else None
+                h[f"purity_{lvl}"] = round(s[lvl]["purity"], 4)
+        h["top"] = (L.get("superclass_expert") or L["class_expert"])["top_text"]
+        out[name] = h
+    acc = summary.get("accuracy") or {}
+    if acc.get("default", {}).get("top1") is not None:
+        out["_accuracy"] = {"top1": acc["default"]["top1"],
+                            **{f"k{k}": r.get("top1") for k, r in (acc.get("k_sweep") or {}).items()}}
+    return out
 
 
 def _json_default(o):
