@@ -64,10 +64,18 @@ def crop_flip_gather(padded: torch.Tensor, index: torch.Tensor, top: torch.Tenso
     A handful of kernel launches per batch whatever the batch size: the random crop + flip hot path of
     :class:`GPULoader` (the dataset is kept zero-padded on the device, so no per-batch padding either).
     """
-    n = len(index)
-    _, c, hp, wp = padded.shape
-    start = index * (c * hp * wp) + top * wp + left
-    return padded.view(-1)[grid[flip.long()] + start.view(n, 1, 1, 1)]
+    return _gather(padded, crop_starts(padded.shape, index, top, left), flip.long(), grid)
+
+
+def crop_starts(padded_shape: Sequence[int], index: torch.Tensor, top: torch.Tensor,
+                left: torch.Tensor) -> torch.Tensor:
+    """Linear position of each crop's first element in the flattened padded tensor."""
+    _, c, hp, wp = padded_shape
+    return index * (c * hp * wp) + top * wp + left
+
+
+def _gather(padded: torch.Tensor, starts: torch.Tensor, flip: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return padded.view(-1)[grid[flip] + starts.view(-1, 1, 1, 1)]
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -204,14 +212,17 @@ class GPULoader:
         # all random draws of the epoch up front: 3 launches per epoch instead of several per batch
         if self.grid is not None:
             top_left = torch.randint(0, 2 * self.pad + 1, (2, m), generator=gen, device=dev)
-            flips = torch.rand(m, generator=gen, device=dev) < 0.5 if self.flip else torch.zeros(m, dtype=torch.bool, device=dev)
+            flips = torch.zeros(m, dtype=torch.long, device=dev)
+            if self.flip:
+                flips = (torch.rand(m, generator=gen, device=dev) < 0.5).long()
+            starts = crop_starts(self.images.shape, idx, top_left[0], top_left[1])
         if self.jitter > 0:
             factors = jitter_factors(m, self.jitter, gen, dev)
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             i = idx[sl]
             if self.grid is not None:
-                x = crop_flip_gather(self.images, i, top_left[0, sl], top_left[1, sl], flips[sl], self.grid)
+                x = _gather(self.images, starts[sl], flips[sl], self.grid)
             else:
                 x = self.images[i]
             if self.jitter > 0:
