@@ -229,7 +229,8 @@ def _str(v: Any) -> Any:
     return v.decode("latin1") if isinstance(v, bytes) else v
 
 
-def _cifar_batch(path: Path, label_key: str, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[np.ndarray]]:
+def _cifar_batch(path: Path, label_key: str,
+                 num_classes: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[np.ndarray]]:
     """One official CIFAR pickle -> (uint8 N x 3 x 32 x 32, int64 labels, coarse labels or None)."""
     d = _unpickle(path)
     if "data" not in d or label_key not in d:
@@ -307,7 +308,8 @@ def read_cifar_arrays(root: Path, num_classes: int, split: str) -> Tuple[ArrayDa
     return ArrayDataset(x, y), info
 
 
-def load_cifar_split(root: Path, num_classes: int, split: str, download: bool = False) -> Tuple[ArrayDataset, Dict[str, Any]]:
+def load_cifar_split(root: Path, num_classes: int, split: str,
+                     download: bool = False) -> Tuple[ArrayDataset, Dict[str, Any]]:
     """Load one split of CIFAR-10/100 from the official pickle folder or the .npy arrays under ``root``."""
     name = f"cifar{num_classes}"
     folder = "cifar-100-python" if num_classes == 100 else "cifar-10-batches-py"

@@ -37,7 +37,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (off[0, :, None] + torch.arange(h, device=dev)).view(n, 1, h, 1)
     cols = (off[1, :, None] + torch.arange(w, device=dev)).view(n, 1, 1, w)
-    return padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+    sample, channel = torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1)
+    return padded[sample, channel, rows, cols]
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
@@ -147,12 +148,13 @@ def _eval_shard(n: int, rank: int, world_size: int) -> torch.Tensor:
 class GPULoader:
     """Iterate over an :class:`ArrayDataset` held entirely on ``device`` as uint8.
 
-    Training: a fresh permutation per epoch from ``(seed, epoch)`` (identical on all ranks), rank ``r`` takes
-    the slice ``perm[r * m:(r + 1) * m]`` with ``m = N // world_size`` (disjoint, equal sizes; the < world_size
-    leftover images change every epoch), batches augmented on the device with random draws made once per
-    epoch from a generator seeded by ``(seed, epoch, rank)``. With crop/flip on, the training set is stored
-    zero-padded (N x C x (H+2p) x (W+2p) uint8) so a crop + flip is one gather. Evaluation: original order, no augmentation, last partial batch kept, rank
-    ``r`` gets the r-th contiguous shard.
+    Training: a fresh permutation per epoch from ``(seed, epoch)`` (identical on all ranks); rank ``r`` takes
+    the slice ``perm[r * m:(r + 1) * m]`` with ``m = N // world_size`` (disjoint, equal sizes; the
+    < world_size leftover images change every epoch). Batches are augmented on the device with random draws
+    made once per epoch from a generator seeded by ``(seed, epoch, rank)``. With crop/flip on, the training
+    set is stored zero-padded (N x C x (H+2p) x (W+2p) uint8) so a crop + flip is one gather.
+    Evaluation: original order, no augmentation, last partial batch kept, rank ``r`` gets the r-th
+    contiguous shard.
     """
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, *, train: bool, device: Union[torch.device, str],

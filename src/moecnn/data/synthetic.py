@@ -34,7 +34,8 @@ def _rand(g: torch.Generator, *shape: int, lo: float = 0.0, hi: float = 1.0) -> 
     return torch.rand(*shape, generator=g) * (hi - lo) + lo
 
 
-def make_synthetic(n: int, seed: int = 0, image_size: int = 32, noise: float = 0.06) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_synthetic(n: int, seed: int = 0, image_size: int = 32,
+                   noise: float = 0.06) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate ``n`` images: returns (uint8 N x 3 x S x S, int64 labels N), classes balanced up to one."""
     g = torch.Generator().manual_seed(seed)
     s = image_size
