@@ -37,7 +37,8 @@ def run_dir(tmp_path_factory):
         for e in range(4)) + "\n")
     acc = {"source": "test", "default": {"top1": 80.0, "per_class": [80.0] * 4, "per_superclass": [80.0, 80.0]},
            "k_sweep": {"1": {"top1": 78.0}, "2": {"top1": 80.0}},
-           "forced": {"0": {"top1": 50.0}, "1": {"top1": 52.0}},
+           "forced": {"0": {"top1": 50.0, "per_superclass": [90.0, 10.0]},
+                      "1": {"top1": 52.0, "per_superclass": [12.0, 92.0]}},
            "disabled": {"0": {"top1": 51.0}, "1": {"top1": 49.0}}}
     analyze(d, routing={**planted_routing(labels), "images": images}, class_names=CLASS_NAMES,
             superclass_names=SUPER_NAMES, class_to_super=CLASS_TO_SUPER, accuracy=acc, max_tsne=120, n_perm=50,
@@ -56,6 +57,7 @@ def test_report_is_self_contained(run_dir):
     n_figs = len(summary["per_layer"]["layer4.moe"]["figures"]) + len(summary["accuracy"]["figures"]) \
         + len(summary["training"]["figures"])
     assert len(srcs) == n_figs
+    assert "forced_per_superclass" in summary["accuracy"]["figures"]
     for text in ("Utilisation", "Specialisation tests", "t-SNE of gate logits", "Fig. 3", "Fig. 4",
                  "expert 0: flowers", "Accuracy under routing controls", "Utilisation over training",
                  "weights most and least"):

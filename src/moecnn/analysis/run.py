@@ -553,6 +553,19 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                     afig[group] = "figures/" + _write(fig_dir / f"accuracy_{group}.png", figs.accuracy_bars(
                         lab, [acc[group][k].get("top1") for k in keys], title,
                         ref=(acc.get("default") or {}).get("top1")))
+            # which expert, forced alone, serves which superclass (or class) best
+            forced = acc.get("forced") or {}
+            for level, names in (("per_superclass", superclass_names), ("per_class", class_names)):
+                if forced and names and all(r.get(level) for r in forced.values()) and len(names) <= 120:
+                    keys = list(forced)
+                    mat = np.array([[np.nan if v is None else v for v in forced[k][level]] for k in keys],
+                                   dtype=np.float64).T
+                    afig[f"forced_{level}"] = "figures/" + _write(fig_dir / f"accuracy_forced_{level}.png",
+                                                                  figs.heatmap(mat, names, [f"E{k}" for k in keys],
+                                                                               f"accuracy (%) {level.replace('_', ' ')}"
+                                                                               ", one expert forced", fmt=".0f",
+                                                                               xlabel="forced expert"))
+                    break
             acc["figures"] = afig
         summary["accuracy"] = acc
         timing["accuracy"] = time.perf_counter() - t0
