@@ -12,7 +12,7 @@ to specialise on:
   square, ring, plus, pair of small disks). Position, size, colours and ramp direction are nuisances.
 
 All images get the same light Gaussian luminance noise. Generation is fully vectorised and deterministic
-given ``seed`` (about 0.5 s for 10 000 images on one CPU core).
+given ``seed`` (about 1 s per 6000 images on one busy CPU core).
 """
 from __future__ import annotations
 
