@@ -154,3 +154,19 @@ def test_bf16_autocast_train_and_eval(routing):
         dets = model(images)
     assert dets[0]["boxes"].dtype == torch.float32 and len(dets[0]["experts"]) > 0
     assert model.head.level_records["cls"][0].weights.dtype == torch.float32
+
+
+def test_imagenet_backbone_weights_file(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(2)
+    net = resnet18()
+    path = tmp_path / "r18.pt"
+    torch.save(net.state_dict(), path)
+    model = create_model("retinanet_resnet18_fpn_moe", weights_backbone=str(path), **SMALL)
+    assert torch.equal(model.backbone.body.conv1.weight, net.conv1.weight)
+    assert torch.equal(model.backbone.body.layer4[1].bn2.running_var, net.layer4[1].bn2.running_var)
+    bad = tmp_path / "bad.pt"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="neither a RetinaNet state dict nor a ResNet one"):
+        create_model("retinanet_resnet18_fpn_moe", weights=str(bad), **SMALL)

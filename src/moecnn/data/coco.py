@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -173,7 +172,6 @@ class CocoDetection(Dataset):
             self.anns[a["image_id"]].append(a)
         self.hflip = float(hflip)
         self.min_box_size = float(min_box_size)
-        self._rng = random.Random(seed)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -230,7 +228,8 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int):
         img = self.load_image(index)
         t = self.target(index)
-        if self.hflip > 0 and self._rng.random() < self.hflip:
+        # torch's RNG: re-seeded per worker and per epoch by the DataLoader, so flips differ across epochs
+        if self.hflip > 0 and float(torch.rand(())) < self.hflip:
             img = img.flip(-1)
             w = img.shape[-1]
             b = t["boxes"].clone()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -504,6 +505,14 @@ def _expand_head_to_experts(sd: Dict[str, Tensor], model: MoERetinaNet, noise: f
     return out
 
 
+def uses_torchvision_coco_weights(weights: Optional[str]) -> bool:
+    """torchvision's COCO RetinaNet weights (by name or as the downloaded file) were trained with
+    FrozenBatchNorm eps = 0; torchvision sets it when loading them, and so do we."""
+    if weights is None:
+        return False
+    return weights in ("torchvision", "DEFAULT") or Path(str(weights)).name.startswith("retinanet_resnet50_fpn_coco")
+
+
 def load_detector_weights(
     model: MoERetinaNet, weights: str, arch: str, expert_noise: float = 0.01, seed: int = 0
 ) -> Dict[str, List[str]]:
@@ -539,7 +548,7 @@ def load_detector_weights(
     result = model.load_state_dict(sd, strict=False)
     if skipped:
         warnings.warn(f"weights {weights}: skipped {len(skipped)} tensors of another shape: {', '.join(skipped[:6])}")
-    missing_backbone = [k for k in result.missing_keys if k.startswith("backbone.")]
+    missing_backbone = [k for k in result.missing_keys if k.startswith("backbone.body.")]
     if missing_backbone:
         warnings.warn(f"weights {weights}: {len(missing_backbone)} backbone tensors missing, e.g. {missing_backbone[0]}")
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "skipped": skipped}
@@ -579,6 +588,7 @@ def build_retinanet(
     weights_backbone: Optional[str] = None,
     freeze_backbone: bool = False,
     frozen_bn: Optional[bool] = None,
+    torchvision_bn_eps: bool = False,
     trainable_backbone_layers: Optional[int] = None,
     min_size: int = 608,
     max_size: int = 1024,
@@ -609,6 +619,8 @@ def build_retinanet(
         weights_backbone: local ImageNet ResNet file or ``"torchvision"`` for the backbone only.
         freeze_backbone: freeze backbone + FPN (BatchNorm frozen too), train the heads — the paper's setup.
         frozen_bn: FrozenBatchNorm2d in the backbone (default: when pretrained weights or freeze_backbone).
+        torchvision_bn_eps: FrozenBatchNorm eps = 0 as torchvision's COCO weights need (automatic when
+            ``weights`` names them; set it when rebuilding such a model to load a checkpoint).
         trainable_backbone_layers: when not frozen, how many ResNet stages train (0–5, default 5).
         min_size, max_size: resize (short side, long-side cap); the paper: 608 / 1024.
         anchor_sizes: base anchor size per level (default 32, 64, 128, 256, 512).
@@ -687,10 +699,10 @@ def build_retinanet(
         load_detector_weights(model, "torchvision_backbone" if weights_backbone == "torchvision" else weights_backbone, arch)
     if weights is not None:
         load_detector_weights(model, weights, arch, expert_noise=expert_noise, seed=seed)
-        if weights in ("torchvision", "DEFAULT"):
-            from torchvision.models.detection._utils import overwrite_eps
+    if torchvision_bn_eps or uses_torchvision_coco_weights(weights):
+        from torchvision.models.detection._utils import overwrite_eps
 
-            overwrite_eps(model, 0.0)
+        overwrite_eps(model, 0.0)
     if freeze_backbone:
         for p in model.backbone.parameters():  # body and FPN
             p.requires_grad_(False)

@@ -255,6 +255,9 @@ def _model_kwargs(m: DictConfig, for_loading: bool = False) -> Dict[str, Any]:
     if for_loading:  # rebuild the architecture only; the checkpoint supplies every tensor
         pretrained = kw.get("weights") is not None or kw.get("weights_backbone") is not None
         kw["frozen_bn"] = pretrained or kw.get("freeze_backbone", False)
+        from ..models.retinanet import uses_torchvision_coco_weights
+
+        kw["torchvision_bn_eps"] = uses_torchvision_coco_weights(kw.get("weights"))
         kw["weights"] = kw["weights_backbone"] = None
     if name.endswith("_fpn") or kw.get("moe_heads") == "none":
         for key in ("num_experts", "k", "routing", "gate", "balance", "balance_weight", "threshold", "noisy"):
@@ -273,12 +276,7 @@ def build_detector(cfg: DictConfig, num_classes: Optional[int] = None, for_loadi
             raise ValueError("model.num_classes is unset and no dataset gives it")
         kw["num_classes"] = num_classes
     kw["seed"] = cfg.seed
-    model = create_model(name, **kw)
-    if for_loading and cfg.model.weights in ("torchvision", "DEFAULT"):
-        from torchvision.models.detection._utils import overwrite_eps
-
-        overwrite_eps(model, 0.0)
-    return model
+    return create_model(name, **kw)
 
 
 def _loader(ds, batch_size: int, train: bool, cfg: DictConfig, device: torch.device):
