@@ -399,3 +399,16 @@ def test_moeify_timm_model():
     model = timm.create_model("resnet18", pretrained=False, num_classes=7)
     moecnn.moeify(model, "layer4", num_experts=2, k=1)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.5])
+def test_bf16_autocast_and_channels_last(capacity_factor):
+    layer = make(4, 2, balance="kl", capacity_factor=capacity_factor).train()
+    x = torch.randn(8, C, H, H).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        total, _ = moecnn.aux_loss(layer)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert layer.record.weights.dtype == torch.float32  # routing stays in float32
+    (y.float().mean() + total).backward()

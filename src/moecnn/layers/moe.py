@@ -204,7 +204,10 @@ class MoE(nn.Module):
         n = self.num_experts
         if not self._shape_checked and x.shape[0] > 0:
             self._check_experts(x)
-        logits = self.gate(x)
+        # routing in float32 whatever the surrounding autocast says (tiny cost, stable top-k and losses)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            logits = self.gate(xf).float()
         spatial = logits.dim() == 4
         if logits.shape[1] != n or logits.shape[0] != x.shape[0]:
             raise ValueError(f"gate returned shape {tuple(logits.shape)}, expected (B={x.shape[0]}, N={n}, ...)")
@@ -212,7 +215,8 @@ class MoE(nn.Module):
         noise_std = None
         noisy_logits = logits
         if self.training and self.noisy and self.noise is not None and not controls:
-            noise_std = F.softplus(self.noise(x.float().mean(dim=(2, 3))) + 0.01)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                noise_std = F.softplus(self.noise(xf.mean(dim=(2, 3))) + 0.01)
             if spatial:
                 noise_std = noise_std[:, :, None, None].expand_as(logits)
             noisy_logits = logits + torch.randn_like(logits) * noise_std
