@@ -128,6 +128,9 @@ def test_train_resume_eval_analyze(tiny_run):
     assert (run / "eval" / "detection_eval.json").is_file()
     one = evaluate_detection(run, k=1, device="cpu")
     assert one["controls"] == {"k": 1} and (run / "eval" / "detection_ap_k1.json").is_file()
+    mixed = evaluate_detection(run, disable_experts=[0], dense=True, device="cpu")
+    assert "0" not in mixed["metrics"]["detections_per_expert"]
+    assert (run / "eval" / "detection_ap_disable0_dense.json").is_file()
 
     summary = analyze_detection(run, device="cpu", num_examples=2)
     assert set(summary["heads"]) == {"cls", "reg"}

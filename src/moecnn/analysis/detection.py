@@ -277,6 +277,9 @@ def analyze_detection(
         "task": "detection", "moe": True, "num_images": n, "num_gt": int(len(buckets)),
         "routing": cfg.model.routing, "method": method,
         "gt_per_bucket_level": _contingency(buckets, levels, 3, n_levels).tolist(),
+        "note": ("objects are assigned to FPN levels by size, so with per-level routing any difference "
+                 "between levels shows up as size dependence (even untrained); bucket_test_within_level "
+                 "tests size vs expert inside each level, which per-anchor routing can make significant"),
         "heads": {},
     }
     for key, w in gt_w.items():

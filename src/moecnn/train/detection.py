@@ -584,6 +584,8 @@ def evaluate_detection(
     run_dir: str | Path,
     k: Optional[int] = None,
     force_expert: Optional[int] = None,
+    disable_experts: Optional[List[int]] = None,
+    dense: bool = False,
     sweep: Optional[bool] = None,
     max_images: Optional[int] = None,
     device: str = "auto",
@@ -592,8 +594,8 @@ def evaluate_detection(
 ) -> Dict[str, Any]:
     """COCO AP of a trained run on its val set, written to ``run_dir/eval/``.
 
-    With ``k`` and/or ``force_expert``: that one setting (``eval/detection_ap_k{k}.json`` /
-    ``detection_ap_force{e}.json``). Otherwise the trained routing plus (``sweep``, default on for MoE
+    With ``k``, ``force_expert``, ``disable_experts`` and/or ``dense`` (equal weights over all experts):
+    that one setting (``eval/detection_ap_k{k}.json``, ``_force{e}``, ``_disable{i-j}``, ``_dense``). Otherwise the trained routing plus (``sweep``, default on for MoE
     models) every test-time k = 1..N and every expert forced alone in all MoE heads
     (``eval/detection_eval.json`` with keys ``default``, ``k``, ``forced``).
     """
@@ -613,17 +615,24 @@ def evaluate_detection(
         with ctx:
             return evaluate_model(model, val_ds, dev, bs, max_images, cfg.optim.bf16, backend)
 
-    if (k is not None or force_expert is not None):
+    if k is not None or force_expert is not None or disable_experts or dense:
         if not layers:
-            raise ValueError(f"{run_dir}: the model has no MoE layers; k / force_expert do not apply")
-        controls = {}
+            raise ValueError(f"{run_dir}: the model has no MoE layers; routing controls do not apply")
+        controls: Dict[str, Any] = {}
+        name = "detection_ap"
         if k is not None:
             controls["k"] = int(k)
+            name += f"_k{k}"
         if force_expert is not None:
             controls["force"] = int(force_expert)
+            name += f"_force{force_expert}"
+        if disable_experts:
+            controls["disabled"] = [int(i) for i in disable_experts]
+            name += "_disable" + "-".join(str(i) for i in controls["disabled"])
+        if dense:
+            controls["dense"] = True
+            name += "_dense"
         res = {"controls": controls, "metrics": ev(**controls)}
-        name = "detection_ap" + (f"_k{k}" if k is not None else "") + (
-            f"_force{force_expert}" if force_expert is not None else "")
         _save_json(out_dir / f"{name}.json", res)
         return res
 
