@@ -3,7 +3,8 @@
 Core statistics live in :mod:`moecnn.analysis.stats` and work on plain numpy arrays; output schema:
 docs/analysis_schema.md.
 """
-from .run import add_cli, analyze, brief, compute_accuracy, compute_routing, load_routing, report, save_routing
+from .run import (add_cli, analyze, brief, compute_accuracy, compute_routing, headline, load_routing, report,
+                  save_routing)
 
-__all__ = ["analyze", "report", "add_cli", "brief", "load_routing", "save_routing", "compute_routing",
+__all__ = ["analyze", "report", "add_cli", "brief", "headline", "load_routing", "save_routing", "compute_routing",
            "compute_accuracy"]
