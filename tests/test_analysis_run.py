@@ -99,3 +99,16 @@ def test_eval_layout_and_layer_selection(tmp_path, data):
     assert one["layers"] == ["layer4.moe"]
     with pytest.raises(ValueError, match="no MoE layer"):
         analyze(tmp_path, layer="nope", max_tsne=60, n_perm=10, progress=False)
+
+
+def test_cli_verbs(tmp_path, data, capsys):
+    cli = pytest.importorskip("moecnn.cli")
+    images, labels = data
+    (tmp_path / "eval").mkdir()
+    np.savez(tmp_path / "eval" / "routing_test.npz", **planted_routing(labels))
+    assert cli.main(["analyze", str(tmp_path), "--max-tsne", "50", "--n-perm", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "NMI(top-1 expert, class)" in out and (tmp_path / "analysis" / "summary.json").is_file()
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").is_file()
+    assert cli.main(["analyze", str(tmp_path), "--layer", "nope", "--n-perm", "5"]) != 0

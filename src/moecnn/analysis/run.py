@@ -664,15 +664,28 @@ def report(run_dir) -> Path:
 # ----------------------------------------------------------------------------------------- CLI
 def add_cli(subparsers) -> None:
     """Register the ``analyze`` and ``report`` verbs on an argparse subparsers object."""
-    a = subparsers.add_parser("analyze", help="routing analyses of a run -> RUN_DIR/analysis/")
+    import argparse
+
+    a = subparsers.add_parser(
+        "analyze", help="routing analyses of a run -> RUN_DIR/analysis/ (summary.json + figures)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Utilisation (importance, CV_imp, CV_act, living experts, co-activation, per epoch), class and "
+        "superclass x expert allocation, NMI/purity specialisation tests with a permutation null, t-SNE of gate "
+        "logits with thumbnails, most/least weighted images, accuracy vs k / forced / removed experts.",
+        epilog="reads: eval/routing_<split>.npz and eval/*.json from 'moecnn eval' when present (else runs the\n"
+        "model from checkpoint.pt), metrics.jsonl, config.yaml. Schema: docs/analysis_schema.md\n"
+        "example:\n  moecnn eval runs/p4 && moecnn analyze runs/p4 && moecnn report runs/p4")
     a.add_argument("run_dir")
-    a.add_argument("--split", default="test", choices=["test", "val"])
-    a.add_argument("--layer", help="MoE layer name (default: every MoE layer)")
+    a.add_argument("--split", default="test", choices=["test", "val"], help="split to analyse (default test)")
+    a.add_argument("--layer", help="MoE layer name (default: every MoE layer, one section each)")
     a.add_argument("--max-tsne", type=int, default=2000, help="t-SNE subsample size (default 2000)")
     a.add_argument("--n-perm", type=int, default=200, help="label permutations for p-values (default 200)")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", default="cpu", help="device for running the model when needed (default cpu)")
     a.set_defaults(func=_cmd_analyze)
-    r = subparsers.add_parser("report", help="self-contained HTML report -> RUN_DIR/report.html")
+    r = subparsers.add_parser(
+        "report", help="self-contained HTML report -> RUN_DIR/report.html",
+        description="Write RUN_DIR/report.html: one file, figures embedded, opens offline. Runs 'analyze' first "
+        "when RUN_DIR/analysis/summary.json is missing; detection runs get the detection sections.")
     r.add_argument("run_dir")
     r.set_defaults(func=_cmd_report)
 
