@@ -19,7 +19,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
