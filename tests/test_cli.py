@@ -60,11 +60,15 @@ def test_presets_list_and_grid(capsys):
     assert "milestones" in capsys.readouterr().out
 
 
-def test_every_preset_resolves():
+def test_every_preset_resolves(capsys):
+    from moecnn.train.config import peek_task
+
     for name in preset_names():
-        c = load_config(name) if "retinanet" not in name and "detection" not in name else None
-        if c is not None:
-            assert c.task == "classification"
+        if peek_task(name) == "detection":
+            assert main(["presets", "--show", name]) == 0
+            assert "task: detection" in capsys.readouterr().out
+        else:
+            assert load_config(name).task == "classification"
 
 
 def test_config_errors_are_one_line(capsys, tmp_path):

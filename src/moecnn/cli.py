@@ -208,10 +208,13 @@ def cmd_eval(args) -> int:
 def cmd_presets(args) -> int:
     from omegaconf import OmegaConf
 
-    from .train.config import load_config, preset_names, shipped_presets
+    from .train.config import TrainConfig, load_config, peek_task, preset_names, shipped_presets
 
     if args.show:
-        print(OmegaConf.to_yaml(load_config(args.show)), end="")
+        schema = TrainConfig
+        if peek_task(args.show) == "detection":
+            from .train.detection import DetectionRunConfig as schema
+        print(OmegaConf.to_yaml(load_config(args.show, schema=schema)), end="")
         return 0
     shipped = shipped_presets()
     for name in preset_names():

@@ -146,6 +146,9 @@ def run(cfg: DictConfig, run_dir, resume: bool = False):
     if channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     layers = moe_layers(raw)
+    if cuda and not t.deterministic:
+        variable = any(m.capacity_factor is None for m in layers.values())
+        torch.backends.cudnn.benchmark = (not variable) if t.cudnn_benchmark is None else t.cudnn_benchmark
 
     if d.world_size > 1 and o.batch_size % d.world_size:
         raise ValueError(f"optim.batch_size={o.batch_size} (global) must be divisible by {d.world_size} ranks")
@@ -199,6 +202,10 @@ def run(cfg: DictConfig, run_dir, resume: bool = False):
         model = torch.compile(model)
 
     writer = None
+    if d.main and resume and (run_dir / "metrics.jsonl").exists():  # drop lines of epochs being redone
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) < start]
+        (run_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
     if d.main:
         save_config(run_dir, cfg)
         write_meta(run_dir, cfg, d.device, d.world_size, resumed=resume)
