@@ -562,7 +562,7 @@ def train_detection(cfg: Any, run_dir: str | Path) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_detection_run(run_dir: str | Path, device: str = "cpu", train_data: bool = False):
+def load_detection_run(run_dir: str | Path, device: str = "cpu"):
     """(model in eval mode with the last checkpoint, cfg, val dataset) of a detection run."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
