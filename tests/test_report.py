@@ -116,3 +116,10 @@ def test_detection_run_with_real_module(tmp_path):
     (tmp_path / "config.yaml").write_text("task: detection\n")
     html = report(tmp_path).read_text()
     assert html.startswith("<!DOCTYPE html>") and "detection analyses failed" not in html
+
+
+def test_report_function_not_shadowed_by_module(run_dir):
+    import moecnn.analysis as A
+
+    A.report(run_dir)
+    assert callable(A.report) and callable(A.report) and A.report(run_dir).name == "report.html"
