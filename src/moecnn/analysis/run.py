@@ -590,8 +590,8 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
     summary["params"] = {"max_tsne": int(max_tsne), "n_perm": int(n_perm), "seed": int(seed),
                          "living_threshold": stats.LIVING_THRESHOLD, "n_extreme": int(n_extreme)}
     summary["headline"] = headline(summary)
-    summary = {k: summary[k] for k in _TOP_ORDER if k in summary}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    summary = _finite({k: summary[k] for k in _TOP_ORDER if k in summary})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default, allow_nan=False))
     return summary
 
 
@@ -623,6 +623,21 @@ def headline(summary: Dict) -> Dict[str, Dict]:
         out["_accuracy"] = {"top1": acc["default"]["top1"],
                             **{f"k{k}": r.get("top1") for k, r in (acc.get("k_sweep") or {}).items()}}
     return out
+
+
+def _finite(o):
+    """Replace NaN/inf by None (strict JSON) and numpy scalars/arrays by Python values, recursively."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o):
