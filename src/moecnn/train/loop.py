@@ -51,8 +51,10 @@ def build_optimizer(model: nn.Module, o: DictConfig, device: torch.device) -> to
     params = [p for p in model.parameters() if p.requires_grad]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if o.name == "sgd":
+        # not fused: an expert that first receives images after step 1 has no momentum buffer yet, which
+        # fused SGD rejects ("expected Tensor ... got NoneType"); foreach handles it
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay, **fast)
+                               weight_decay=o.weight_decay, foreach=True)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fast)
 

@@ -1,0 +1,25 @@
+"""Optimisers built by the training loop cope with experts that receive their first images late."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import moecnn
+from moecnn.train.config import OptimConfig
+from moecnn.train.loop import build_optimizer
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_expert_first_routed_after_step_one(name):
+    torch.manual_seed(0)
+    experts = [torch.nn.Conv2d(3, 4, 1) for _ in range(2)]
+    layer = moecnn.MoE(experts, k=1, noisy=False)
+    cfg = OmegaConf.structured(OptimConfig(name=name, lr=0.1, momentum=0.9, nesterov=True))
+    opt = build_optimizer(layer, cfg, torch.device("cpu"))
+    x = torch.randn(4, 3, 5, 5)
+    for force in (0, 1):  # step 1: only expert 0 has gradients; step 2: expert 1 too
+        with moecnn.routing_override(layer, force=force):
+            layer(x).square().mean().backward()
+        before = experts[force].weight.detach().clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert not torch.equal(before, experts[force].weight)
