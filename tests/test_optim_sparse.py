@@ -14,7 +14,8 @@ def test_expert_first_routed_after_step_one(name):
     experts = [torch.nn.Conv2d(3, 4, 1) for _ in range(2)]
     layer = moecnn.MoE(experts, k=1, noisy=False)
     cfg = OmegaConf.structured(OptimConfig(name=name, lr=0.1, momentum=0.9, nesterov=True))
-    opt = build_optimizer(layer, cfg, torch.device("cpu"))
+    # the CUDA branch picks the fused/foreach variants; they also run on CPU tensors
+    opt = build_optimizer(layer, cfg, torch.device("cuda"))
     x = torch.randn(4, 3, 5, 5)
     for force in (0, 1):  # step 1: only expert 0 has gradients; step 2: expert 1 too
         with moecnn.routing_override(layer, force=force):
