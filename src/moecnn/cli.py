@@ -260,7 +260,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analy
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`train --config X --out D a=1 --seeds 0 b=2`)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd is None:
         parser.print_help()
         return 0

@@ -1,4 +1,4 @@
-"""Optimisers built by the training loop cope with experts that receive their first images late."""
+"""Regressions first seen on the GPU runs: sparse expert gradients with fused optimisers, CLI override order."""
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -25,3 +25,17 @@ def test_expert_first_routed_after_step_one(name):
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert not torch.equal(before, experts[1].weight)
+
+
+def test_cli_overrides_may_follow_options(tmp_path):
+    """`moecnn train --out D a=1 --config X b=2`: both overrides reach the config (seen failing on the GPU)."""
+    from moecnn import cli
+
+    argv = ["train", "--out", str(tmp_path / "r"), "train.epochs=1", "--config", "tiny", "model.balance=relative"]
+    parser = cli.build_parser()
+    args, extra = parser.parse_known_args(argv)
+    assert extra == ["model.balance=relative"]
+    rc = cli.main(argv + ["train.stop_after_epochs=0", "data.synthetic_train_size=300", "data.synthetic_test_size=100",
+                          "data.val_size=50"])
+    cfg = (tmp_path / "r" / "config.yaml").read_text()
+    assert "balance: relative" in cfg and "epochs: 1" in cfg, (rc, cfg)
