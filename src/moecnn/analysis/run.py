@@ -269,6 +269,10 @@ def _write(path: Path, data: bytes) -> str:
     return path.name
 
 
+def _has_arrays(ds) -> bool:
+    return ds is not None and hasattr(ds, "images") and hasattr(ds, "labels")
+
+
 def _super_from_labels(labels, superlabels, n_classes) -> Optional[List[int]]:
     c2s = np.full(n_classes, -1, dtype=np.int64)
     c2s[np.asarray(labels)] = np.asarray(superlabels)
@@ -358,8 +362,9 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                     _load_model()
                 ds = getattr(bundle, split, None) if bundle is not None else None
                 if images is None:
-                    if ds is None:
-                        raise ValueError(f"no routing file and no '{split}' data for {run_dir}")
+                    if not _has_arrays(ds):
+                        raise ValueError(f"no routing file for {run_dir} and its '{split}' data is not an in-memory "
+                                         f"array dataset; run 'moecnn eval {run_dir}' first")
                     images = np.asarray(ds.images)
                     labels_arr = np.asarray(ds.labels)
                 else:
@@ -389,19 +394,24 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 notes.append(f"run data not loaded ({type(e).__name__}: {e}); image figures need it")
         if bundle is not None:
             ds = getattr(bundle, split, None)
-            if images is None and ds is not None and len(ds) == m_img:
+            if images is None and _has_arrays(ds) and len(ds) == m_img:
                 if np.array_equal(np.asarray(ds.labels), labels):
                     images = np.asarray(ds.images)
                 else:
                     notes.append(f"the run's {split} labels do not match the routing file; no thumbnails")
-            class_names = class_names or list(bundle.class_names)
-            superclass_names = superclass_names or (list(bundle.superclass_names) if bundle.superclass_names else None)
-            class_to_super = class_to_super or (list(bundle.class_to_super) if bundle.class_to_super else None)
+            if class_names is None:
+                class_names = list(bundle.class_names)
+            if superclass_names is None and bundle.superclass_names:
+                superclass_names = list(bundle.superclass_names)
+            if class_to_super is None and bundle.class_to_super:
+                class_to_super = list(bundle.class_to_super)
         if class_names is None and "class_names" in rt:
             class_names = [str(s) for s in rt["class_names"]]
         if superclass_names is None and "superclass_names" in rt and len(rt["superclass_names"]):
             superclass_names = [str(s) for s in rt["superclass_names"]]
-        n_classes = max(int(labels.max()) + 1 if m_img else 0, len(class_names or []))
+        class_names = [str(c) for c in class_names] if class_names is not None else None
+        superclass_names = [str(c) for c in superclass_names] if superclass_names is not None else None
+        n_classes = max(int(labels.max()) + 1 if m_img else 0, len(class_names) if class_names is not None else 0)
         if class_names is None:
             class_names = [f"class {i}" for i in range(n_classes)]
         if class_to_super is None and "class_to_super" in rt:
@@ -533,7 +543,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 if model is None or (images is None and bundle is None):
                     _load_model()
                 ds = getattr(bundle, split, None) if bundle is not None else None
-                img_acc = images if images is not None else (np.asarray(ds.images) if ds is not None else None)
+                img_acc = images if images is not None else (np.asarray(ds.images) if _has_arrays(ds) else None)
                 if img_acc is not None:
                     acc = compute_accuracy(model, img_acc, labels, n_classes, class_to_super, mean, std, layer=layer,
                                            device=device, progress=progress)
