@@ -53,7 +53,8 @@ class DenseReference(nn.Module):
 
     def forward(self, x):
         m = self.moe
-        logits = m.gate(x)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = m.gate(x.float()).float()
         vals, idx = logits.topk(m.k, dim=1)
         w = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, 1))
         return sum(w[:, i, None, None, None].to(x.dtype) * e(x) for i, e in enumerate(m.experts))
@@ -68,7 +69,8 @@ class MaskedLoop(nn.Module):
 
     def forward(self, x):
         m = self.moe
-        logits = m.gate(x)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = m.gate(x.float()).float()
         vals, idx = logits.topk(m.k, dim=1)
         w = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, 1))
         y = None

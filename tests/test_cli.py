@@ -15,7 +15,7 @@ from moecnn.train.config import expand_preset, preset_names
 TINY = [
     "data.image_size=16", "data.synthetic_train_size=160", "data.val_size=32", "data.synthetic_test_size=32",
     "model.width=8", "optim.batch_size=64", "train.epochs=1", "log.tensorboard=false", "log.progress=lines",
-    "train.device=cpu",
+    "train.device=cpu", "train.threads=1",
 ]
 
 

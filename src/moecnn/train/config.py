@@ -55,6 +55,7 @@ class RunConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32 — autocast on CUDA only; CPU always runs fp32
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model
+    threads: Optional[int] = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
     cudnn_benchmark: Optional[bool] = None  # None = on unless deterministic or the MoE dispatch has variable
     #   per-expert batch sizes (exact dispatch: every new sub-batch size would be re-tuned)
     eval_every: int = 1  # validate every n epochs (and always after the last)

@@ -121,6 +121,16 @@ def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
 
 def run(cfg: DictConfig, run_dir, resume: bool = False):
     """Like :func:`train` but returns ``(result, trained model)`` (the model of this rank, unwrapped)."""
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _run(cfg, run_dir, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig, run_dir, resume: bool):
     from ..data import build_data, make_loader
     from ..models import build_model
 
