@@ -146,3 +146,29 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "gap_fc" in out
+
+
+def test_detection_dispatch(monkeypatch, tmp_path, capsys):
+    import moecnn.train.detection as det
+
+    seen = {}
+
+    def fake_train(cfg, run_dir):
+        seen["train"] = (cfg.task, str(run_dir), cfg.optim.lr)
+        (tmp_path / "d").mkdir()
+        OmegaConf.save(cfg, tmp_path / "d" / "config.yaml")
+        return {"task": "detection"}
+
+    def fake_eval(run_dir, k=None, force_expert=None, sweep=None, device="auto", batch_size=None):
+        seen["eval"] = (str(run_dir), k, force_expert)
+        return {"AP": 0.5}
+
+    monkeypatch.setattr(det, "train_detection", fake_train)
+    monkeypatch.setattr(det, "evaluate_detection", fake_eval)
+    assert main(["train", "--config", "detection_shapes", "--out", str(tmp_path / "d"), "optim.lr=0.002"]) == 0
+    assert seen["train"] == ("detection", str(tmp_path / "d"), 0.002)
+    one_error(capsys, ["train", "--config", "detection_shapes", "optim.lrr=1"], "unknown config key 'optim.lrr'")
+    assert main(["eval", str(tmp_path / "d"), "--k", "1"]) == 0
+    assert seen["eval"] == (str(tmp_path / "d"), 1, None)
+    capsys.readouterr()
+    one_error(capsys, ["eval", str(tmp_path / "d"), "--dense"], "detection eval does not support dense")

@@ -190,7 +190,8 @@ def cmd_eval(args) -> int:
                   dense=args.dense, which=args.which, device=args.device)
         params = inspect.signature(evaluate_detection).parameters
         accepts_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        unsupported = [k for k, v in kw.items() if k not in params and not accepts_all and v not in (None, False, [], "last", "auto")]
+        defaults = (None, False, [], "last", "auto")
+        unsupported = [k for k, v in kw.items() if k not in params and not accepts_all and v not in defaults]
         if unsupported:
             raise ValueError(f"detection eval does not support {', '.join(unsupported)}")
         res = evaluate_detection(args.run_dir, **{k: v for k, v in kw.items() if k in params or accepts_all})
