@@ -15,7 +15,7 @@ from typing import List, Optional
 EPILOG_TRAIN = """\
 examples:
   moecnn train                                   # tiny CPU demo on synthetic data (< 2 min)
-  moecnn train --config fast_moe --out runs/fast data.name=cifar100 data.root=/data/cifar100
+  moecnn train --config fast_moe --out runs/fast data.root=/data/cifar100
   moecnn train --config paper_moe_p4_n10_relative --out runs/p4n10rel
   moecnn train --config my.yaml optim.lr=0.01 train.epochs=30 --seeds 0,1,2 --out runs/rep
   moecnn train --resume runs/fast                # continue an interrupted run
@@ -25,6 +25,13 @@ Config keys (override with key=value): task, data.*, model.*, optim.*, train.*, 
 'moecnn presets --show NAME' for a resolved config with every key. optim.batch_size is the GLOBAL batch
 (split evenly across DDP ranks). Preset grid: paper_moe_p{1-4}_n{N}_{importance,kl,relative,mean}
 (likewise fast_moe_p..._n..._...) = paper_moe/fast_moe with model.position/num_experts/balance set.
+
+RUN_DIR holds: config.yaml (resolved), meta.json (seed, git commit, versions, device, command, start
+time), metrics.jsonl (one JSON per epoch: losses by term, accuracies, lr, images/s, per-layer expert
+importance/routed shares, warnings), checkpoint.pt (last epoch, for --resume), best.pt (best val top-1),
+final.json (LAST epoch's test top-1/top-5 + its val accuracy; test never selects anything), tb/.
+train.stop_after_epochs=N stops after N epochs (resume later); train.deterministic=true for bit-exact
+resume on CPU; train.threads=N sets CPU threads. Errors print one 'error: ...' line (exit code 2).
 """
 
 
