@@ -110,6 +110,9 @@ def cmd_train(args) -> int:
     if task == "detection":
         from .train.detection import DetectionRunConfig, train_detection
 
+        if args.seeds:
+            raise ValueError("--seeds is for classification runs; for detection set seed=S and run once per seed")
+
         cfg = load_config(args.config, args.overrides, schema=DetectionRunConfig)
         out = Path(args.out or _default_out(args.config))
         res = train_detection(cfg, out)

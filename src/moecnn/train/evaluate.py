@@ -138,7 +138,8 @@ def run_eval(
     model, cfg, bundle = load_run(run_dir, which=which, device=dev)
     ds = getattr(bundle, split, None)
     if ds is None or len(ds) == 0:
-        raise ValueError(f"the run's data has no '{split}' split (choose test or val)")
+        other = "test" if split == "val" else "val"
+        raise ValueError(f"the run's data has no '{split}' split (empty or data.val_size=0); use --split {other}")
     loader = make_loader(ds, batch_size, train=False, device=dev, mean=bundle.mean, std=bundle.std,
                          augment=None, num_workers=cfg.data.num_workers,
                          gpu_resident=cfg.data.gpu_resident)
