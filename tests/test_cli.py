@@ -172,3 +172,9 @@ def test_detection_dispatch(monkeypatch, tmp_path, capsys):
     assert seen["eval"] == (str(tmp_path / "d"), 1, None)
     capsys.readouterr()
     one_error(capsys, ["eval", str(tmp_path / "d"), "--dense"], "detection eval does not support dense")
+
+
+def test_preset_name_not_shadowed_by_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert load_config("tiny").model.name == "resnet10_tiny"

@@ -121,7 +121,7 @@ def resolve_source(config: Optional[str]) -> Tuple[Optional[Path], List[str]]:
     if config is None:
         return expand_preset("tiny")
     p = Path(config)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise FileNotFoundError(f"config file '{config}' not found; pass a YAML file or a preset name")
         return p, []
