@@ -292,7 +292,8 @@ class MoE(nn.Module):
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         img = torch.div(order, kk, rounding_mode="floor")
-        counts = torch.bincount(flat_e, minlength=n)
+        # static-size count (bincount's output size is data-dependent, which breaks fullgraph compiles)
+        counts = torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat_e, torch.ones_like(flat_e))
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         dropped = None
         if self.capacity_factor is None:
