@@ -44,6 +44,14 @@ def timeit(fn, device, warmup=3, iters=20) -> float:
     return statistics.median(times)
 
 
+def sparse_gate(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    """B×N top-k softmax weights of the layer's gate (float32, no noise)."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = m.gate(x.float()).float()
+    vals, idx = logits.topk(m.k, dim=1)
+    return torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, 1))
+
+
 class DenseReference(nn.Module):
     """Runs every expert on every image and weights by the (sparse) gate: the naive dense MoE."""
 
@@ -53,10 +61,7 @@ class DenseReference(nn.Module):
 
     def forward(self, x):
         m = self.moe
-        with torch.autocast(x.device.type, enabled=False):
-            logits = m.gate(x.float()).float()
-        vals, idx = logits.topk(m.k, dim=1)
-        w = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, 1))
+        w = sparse_gate(m, x)
         return sum(w[:, i, None, None, None].to(x.dtype) * e(x) for i, e in enumerate(m.experts))
 
 
@@ -69,10 +74,7 @@ class MaskedLoop(nn.Module):
 
     def forward(self, x):
         m = self.moe
-        with torch.autocast(x.device.type, enabled=False):
-            logits = m.gate(x.float()).float()
-        vals, idx = logits.topk(m.k, dim=1)
-        w = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, 1))
+        w = sparse_gate(m, x)
         y = None
         for i, e in enumerate(m.experts):
             mask = w[:, i] > 0

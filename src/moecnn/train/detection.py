@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .runs import _jsonable, atomic_write_bytes, save_torch
+from .runs import save_json as _save_json
+
 __all__ = [
     "ShapesDataConfig",
     "DetectionDataConfig",
@@ -188,30 +191,13 @@ def _seed_all(seed: int) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        if isinstance(obj, (str, bytes)):
-            tmp.write_text(obj) if isinstance(obj, str) else tmp.write_bytes(obj)
-        else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_json(path: Path, obj: Any) -> None:
-    _atomic_save(json.dumps(obj, indent=2, default=_jsonable) + "\n", path)
-
-
-def _jsonable(o):
-    if isinstance(o, (np.generic,)):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    """Text, bytes or a torch object, written atomically (tmp file + os.replace)."""
+    if isinstance(obj, str):
+        atomic_write_bytes(path, lambda p: Path(p).write_text(obj))
+    elif isinstance(obj, bytes):
+        atomic_write_bytes(path, lambda p: Path(p).write_bytes(obj))
+    else:
+        save_torch(path, obj)
 
 
 def _data_paths(cfg: DictConfig, run_dir: Optional[Path]) -> Dict[str, str]:
