@@ -108,14 +108,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
+                    help="cuDNN autotuning (re-tunes for every new per-expert sub-batch size when on)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     mf = torch.channels_last if cuda else torch.contiguous_format
     amp = cuda
-    results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": args.batch, "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": args.batch, "torch": torch.__version__,
+                     "cudnn_benchmark": args.cudnn_benchmark}
     b = args.batch
     x = torch.randn(b, 256, 8, 8, device=device).contiguous(memory_format=mf).requires_grad_()
 
@@ -171,7 +174,8 @@ def main() -> None:
     results["train_step_ms"] = steps
 
     base = layer_ms["(c) dense stage it replaced"]
-    print(f"\n## MoE layer forward+backward, batch {b}, {results['device']}, torch {torch.__version__}")
+    print(f"\n## MoE layer forward+backward, batch {b}, {results['device']}, torch {torch.__version__}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}")
     print("| execution | ms | × dense stage |\n|---|---|---|")
     for name, ms in layer_ms.items():
         print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
