@@ -142,3 +142,17 @@ def test_train_resume_eval_analyze(tiny_run):
     sections = detection_report_sections(run)
     titles = [t for t, _ in sections]
     assert "Detection AP (COCO, %)" in titles and any("data:image/png;base64," in h for _, h in sections)
+
+
+def test_cli_analyze_and_report_on_detection_run(tiny_run):
+    """`moecnn analyze RUN` on a detection run runs the size/level analysis; `report` embeds it."""
+    from moecnn import cli
+
+    run, _, _ = tiny_run
+    assert cli.main(["analyze", str(run), "--device", "cpu"]) == 0
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["task"] == "detection" and set(summary["detection"]["heads"]) == {"cls", "reg"}
+    assert (run / "analysis" / "detection_summary.json").is_file()
+    assert cli.main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "expert" in html.lower() and "data:image/png;base64," in html

@@ -320,10 +320,14 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
     summary: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "run_dir": str(run_dir), "split": split,
                                "task": task, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if task == "detection" and routing is None:
-        summary.update({"layers": [], "per_layer": {}, "notes": [
-            "detection run: the analyses are the detection sections of the report "
-            "(moecnn.analysis.detection.detection_report_sections)"]})
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        det, note = None, "detection run without checkpoint.pt: size/level analysis skipped (train it first)"
+        if (run_dir / "checkpoint.pt").is_file():
+            from .detection import analyze_detection  # size buckets, FPN levels, independence tests, figures
+
+            det = analyze_detection(run_dir, device=device)
+            note = "detection run: size/level analysis in analysis/detection_summary.json (also under 'detection')"
+        summary.update({"layers": [], "per_layer": {}, "detection": det, "notes": [note]})
+        (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=_json_default))
         return summary
 
     bundle = None
@@ -660,7 +664,13 @@ def _json_default(o):
 
 def brief(summary: Dict) -> str:
     """A few human-readable lines of a summary (what the CLI prints)."""
-    lines = [f"analysis of {summary.get('run_dir')} ({summary.get('task')}, {summary.get('n_images', 0)} images)"]
+    det = summary.get("detection")
+    n = det.get("num_images", 0) if det else summary.get("n_images", 0)
+    lines = [f"analysis of {summary.get('run_dir')} ({summary.get('task')}, {n} images)"]
+    for head, h in (det or {}).get("heads", {}).items():
+        bt = h["bucket_test"]
+        lines.append(f"[{head} head] expert × object size: p = {bt['p_value']:.3g}; within FPN levels: "
+                     + ", ".join(f"{lvl} p = {t['p_value']:.3g}" for lvl, t in h["bucket_test_within_level"].items()))
     for name, L in summary.get("per_layer", {}).items():
         u = L["utilisation"]
         lines.append(f"[{name}] importance {', '.join(f'{v:.3f}' for v in u['mean_importance'])}; CV_imp "
