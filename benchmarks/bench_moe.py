@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moecnn.models import create_model
-from moecnn.models.cifar_resnet import BasicBlock, _expert, _shortcut
+from moecnn.models.cifar_resnet import BasicBlock, _expert
 from moecnn.layers import MoE
 
 

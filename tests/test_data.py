@@ -36,13 +36,6 @@ COARSE_NAMES = [f"coarse{i}" for i in range(20)]
 FINE_TO_COARSE = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a single intra-op thread avoids thread-pool contention on busy 2-core machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny_cifar100(n: int, seed: int):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from moecnn.analysis.detection import detection_report_sections, size_expert_independence, usage_table
 from moecnn.data.coco import CocoDetection, coco_evaluate
@@ -20,12 +19,6 @@ needs_coco = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

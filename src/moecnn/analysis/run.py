@@ -539,7 +539,6 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         # ---- accuracy
         t0 = time.perf_counter()
         acc = accuracy
-        acc_layer_note = None
         if acc is None:
             acc = read_eval_accuracy(run_dir, split)
         if acc is None and compute_accuracy_with_model and (model is not None or (run_dir / "checkpoint.pt").is_file()):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ..data.config import DataConfig
 from ..models.config import ModelConfig

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -504,7 +503,6 @@ def train_detection(cfg: Any, run_dir: str | Path) -> Dict[str, Any]:
         if o.grad_clip:
             row["clipped_share"] = clipped / max(n_steps, 1)
         for key in [k for k in usage if not k.endswith("/n")]:
-            head = key.split("/")[0]
             row.setdefault("usage", {})[key] = (usage[key] / max(n_steps, 1)).tolist()
         last_epoch = epoch == o.epochs - 1
         if (lg.eval_every and (epoch + 1) % lg.eval_every == 0) or last_epoch:
