@@ -30,7 +30,7 @@ from moecnn.data import (
 )
 from moecnn.registry import DATASETS
 
-REAL_CIFAR100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
+from _shared_data import CIFAR100 as REAL_CIFAR100  # noqa: E402
 NAMES100 = [f"fine{i}" for i in range(100)]
 COARSE_NAMES = [f"coarse{i}" for i in range(20)]
 FINE_TO_COARSE = np.random.default_rng(0).permutation(np.repeat(np.arange(20), 5))

@@ -16,12 +16,7 @@ from moecnn.data.coco import (
 )
 from moecnn.data.shapes import generate_shapes
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-COCO = DATA / "coco_subset"
-needs_coco = pytest.mark.skipif(
-    not (COCO / "annotations" / "instances_val2017_subset.json").is_file(),
-    reason=f"COCO subset not found at {COCO} (shared data folder absent)",
-)
+from _shared_data import COCO, needs_coco  # noqa: E402
 
 
 @pytest.fixture(scope="module")

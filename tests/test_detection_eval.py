@@ -11,12 +11,7 @@ import pytest
 from moecnn.analysis.detection import detection_report_sections, size_expert_independence, usage_table
 from moecnn.data.coco import CocoDetection, coco_evaluate
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-COCO = DATA / "coco_subset"
-needs_coco = pytest.mark.skipif(
-    not (COCO / "annotations" / "instances_val2017_subset.json").is_file(),
-    reason=f"COCO subset not found at {COCO} (shared data folder absent)",
-)
+from _shared_data import COCO, needs_coco  # noqa: E402
 
 
 
