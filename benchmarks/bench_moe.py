@@ -52,12 +52,16 @@ def sparse_gate(m: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, 1))
 
 
-class DenseReference(nn.Module):
-    """Runs every expert on every image and weights by the (sparse) gate: the naive dense MoE."""
+class _SameWeights(nn.Module):
+    """Another execution of an existing MoE layer's gate and experts (same weights)."""
 
     def __init__(self, moe: MoE):
         super().__init__()
         self.moe = moe
+
+
+class DenseReference(_SameWeights):
+    """Runs every expert on every image and weights by the (sparse) gate: the naive dense MoE."""
 
     def forward(self, x):
         m = self.moe
@@ -65,12 +69,8 @@ class DenseReference(nn.Module):
         return sum(w[:, i, None, None, None].to(x.dtype) * e(x) for i, e in enumerate(m.experts))
 
 
-class MaskedLoop(nn.Module):
+class MaskedLoop(_SameWeights):
     """Per-expert boolean masks: expert i on x[mask_i] (one host sync per expert)."""
-
-    def __init__(self, moe: MoE):
-        super().__init__()
-        self.moe = moe
 
     def forward(self, x):
         m = self.moe

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .loop import seed_all
 from .runs import _jsonable, atomic_write_bytes, save_torch
 from .runs import save_json as _save_json
 
@@ -181,12 +182,6 @@ def _device(spec: str) -> torch.device:
     if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -413,7 +408,7 @@ def train_detection(cfg: Any, run_dir: str | Path) -> Dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     train_ds, val_ds = build_detection_data(cfg, run_dir)
     if cfg.model.num_classes is None:
         cfg.model.num_classes = train_ds.num_classes
