@@ -61,7 +61,9 @@ def main() -> None:
     cl = device.type == "cuda"
     rows = []
     for name, kw in {"dense": dict(moe="none"),
-                     "ResBlock-MoE p=4 N=4 k=2": dict(moe="resblock", position=4, num_experts=4, k=2, balance={"kl": 0.5})}.items():
+                     "ResBlock-MoE p=4 N=4 k=2 (stacked, capacity 1.25)": dict(
+                         moe="resblock", position=4, num_experts=4, k=2, balance={"kl": 0.5}, capacity_factor=1.25,
+                         stacked=True)}.items():
         res = {}
         for path, gpu_resident in (("fast path", True), ("DataLoader", False)):
             torch.manual_seed(0)

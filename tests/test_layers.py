@@ -53,16 +53,34 @@ def test_k_equals_n_is_full_softmax_mixture():
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
+def _train_routing(layer):
+    """Training-mode dispatch (the capacity applies) with experts' BatchNorm on running statistics."""
+    layer.train()
+    layer.experts.eval()
+    return layer
+
+
 def test_capacity_dispatch_matches_exact_when_nothing_overflows():
-    exact = make(4, 2).eval()
-    cap = make(4, 2, capacity_factor=2.0).eval()  # capacity = B·k/N·2 = B: never overflows at k=2
+    exact = _train_routing(make(4, 2, noisy=False))
+    cap = _train_routing(make(4, 2, capacity_factor=2.0, noisy=False))  # capacity B·k/N·2 = B: no overflow
     x = torch.randn(9, C, H, H)
     torch.testing.assert_close(exact(x), cap(x), atol=1e-5, rtol=1e-5)
     assert float(cap.record.dropped) == 0.0
 
 
+def test_capacity_applies_in_training_only():
+    layer = make(2, 1, capacity_factor=0.5, noisy=False)
+    with torch.no_grad():
+        layer.gate.fc.weight.zero_()
+        layer.gate.fc.bias.copy_(torch.tensor([5.0, -5.0]))  # everything to expert 0
+    x = torch.randn(8, C, H, H)
+    y = layer.eval()(x)  # evaluation dispatches exactly: nothing dropped
+    assert layer.record.dropped is None
+    torch.testing.assert_close(y, layer.experts[0](x))
+
+
 def test_capacity_dispatch_drops_overflow():
-    layer = make(2, 1, capacity_factor=0.5).eval()  # capacity ceil(0.5·B/2) per expert
+    layer = _train_routing(make(2, 1, capacity_factor=0.5, noisy=False))  # capacity ceil(0.5·B/2) per expert
     with torch.no_grad():
         layer.gate.fc.weight.zero_()
         layer.gate.fc.bias.copy_(torch.tensor([5.0, -5.0]))  # everything to expert 0

@@ -15,9 +15,10 @@ from .control import (
 from .gates import build_gate
 from .moe import MoE, RoutingRecord
 from .moeify import moeify
+from .stacked import StackedExperts
 
 __all__ = [
     "MoE", "RoutingRecord", "RoutingStats", "HardConstraint", "build_gate", "moeify", "moe_layers",
     "routing", "aux_loss", "set_routing", "set_k", "force_expert", "set_dense", "disable_experts",
-    "reset_routing", "routing_override",
+    "reset_routing", "routing_override", "StackedExperts",
 ]

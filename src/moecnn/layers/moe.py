@@ -18,6 +18,7 @@ from torch import nn
 from ..registry import CONSTRAINTS, LOSSES
 from .balance import HardConstraint, RoutingStats, build_constraint
 from .gates import build_gate
+from .stacked import StackedExperts
 
 
 @dataclass
@@ -106,9 +107,15 @@ class MoE(nn.Module):
         noisy: noisy top-k in training (default: on for soft/no balancing, off for hard constraints).
         in_channels: gate input channels (inferred from the first expert when omitted).
         capacity_factor: None = exact dispatch (one N-element count copy to the host per forward);
-            a float = fixed per-expert capacity ceil(cf·B·k/N), fully sync-free and static-shaped
-            (overflowing slots are dropped; free slots are filled with copies of routed images).
+            a float = in training, a fixed per-expert capacity ceil(cf·B·k/N), fully sync-free and
+            static-shaped (overflowing slots are dropped; free slots are filled with copies of routed
+            images). Evaluation always dispatches exactly (no drops).
         gate_kwargs: extra arguments for the gate constructor.
+        stacked: run the N experts (one architecture of Conv2d/BatchNorm2d/channel-wise layers) as one
+            channel-stacked grouped network (:class:`StackedExperts`): the kernel launches of one expert.
+            Every expert then gets a buffer of one size (the capacity; without ``capacity_factor``, the
+            largest expert count, one host sync); free slots hold copies of routed images, which BatchNorm
+            sees in training. ``layer.experts[i]`` is then a copy of expert i.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class MoE(nn.Module):
         in_channels: int | None = None,
         capacity_factor: float | None = None,
         gate_kwargs: Optional[dict] = None,
+        stacked: bool = False,
     ) -> None:
         super().__init__()
         experts = list(experts)
@@ -134,7 +142,6 @@ class MoE(nn.Module):
             raise ValueError(f"k must be an integer with 1 <= k <= num_experts={n}, got k={k}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
-        self.experts = nn.ModuleList(experts)
         self.num_experts = n
         self.k = k
         if in_channels is None:
@@ -142,6 +149,8 @@ class MoE(nn.Module):
             if in_channels is None:
                 raise ValueError("cannot infer the gate's input channels from the experts; pass in_channels=")
         self.in_channels = in_channels
+        self.experts = StackedExperts(experts, in_channels) if stacked else nn.ModuleList(experts)
+        self.stacked = bool(stacked)
         self.gate = build_gate(gate, in_channels, n, **(gate_kwargs or {}))
         self.soft_losses, hard = _normalise_balance(balance, balance_weight)
         self.constraint: Optional[HardConstraint] = (
@@ -202,7 +211,7 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, return_record: bool = False):
         n = self.num_experts
-        if not self._shape_checked and x.shape[0] > 0:
+        if not self._shape_checked and x.shape[0] > 0 and not self.stacked:
             self._check_experts(x)
         # routing in float32 whatever the surrounding autocast says (tiny cost, stable top-k and losses)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -296,7 +305,8 @@ class MoE(nn.Module):
         counts = torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat_e, torch.ones_like(flat_e))
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         dropped = None
-        if self.capacity_factor is None:
+        static = self.capacity_factor is not None and self.training
+        if not (static or self.stacked):
             xs = x.index_select(0, img)
             if channels_last:
                 xs = xs.contiguous(memory_format=torch.channels_last)
@@ -304,7 +314,10 @@ class MoE(nn.Module):
             outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e] > 0]
             ys = torch.cat(outs) if len(outs) > 1 else outs[0]
         else:
-            cap = max(1, math.ceil(self.capacity_factor * b * kk / n))
+            if static:
+                cap = max(1, math.ceil(self.capacity_factor * b * kk / n))
+            else:  # every routed slot fits: exact (one host sync)
+                cap = max(1, int(counts.max()))
             starts = torch.cumsum(counts, 0) - counts
             pos = torch.arange(b * kk, device=x.device) - starts[flat_e[order]]
             keep = pos < cap
@@ -315,12 +328,14 @@ class MoE(nn.Module):
             xb = x.index_select(0, img.index_select(0, src))
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            outs = [self.experts[e](chunk) for e, chunk in enumerate(xb.split(cap))]
-            ob = torch.cat(outs)
+            if self.stacked:
+                ob = self.experts(xb)
+            else:
+                ob = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(xb.split(cap))])
             sorted_e = flat_e[order]
             slot = sorted_e * cap + pos.clamp_max(cap - 1)
             ys = ob.index_select(0, slot) * keep.view(-1, *[1] * (ob.dim() - 1)).to(ob.dtype)
-            dropped = 1.0 - keep.float().mean()
+            dropped = 1.0 - keep.float().mean() if static else None
         ws = w.reshape(-1).index_select(0, order).to(ys.dtype)
         ys = ys * ws.view(-1, *[1] * (ys.dim() - 1))
         inv = torch.empty_like(order)
@@ -333,10 +348,11 @@ class MoE(nn.Module):
     def _mix_dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Per-pixel routing: every enabled expert runs on all images; outputs mixed with B×H×W×N weights."""
         y = None
-        for e, expert in enumerate(self.experts):
+        every = self.experts.all_on(x) if self.stacked else None
+        for e in range(self.num_experts):
             if e in self.disabled:
                 continue
-            out = expert(x)
+            out = every[e] if every is not None else self.experts[e](x)
             if out.shape[-2:] != w.shape[1:3]:
                 raise ValueError(
                     f"spatial gates need experts that keep the spatial size; expert {e} gave {tuple(out.shape)}"

@@ -43,6 +43,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.
             noisy=cfg.noisy,
             capacity_factor=cfg.capacity_factor,
         )
+        if cfg.stacked:
+            kw["stacked"] = True
         if cfg.moe == "resblock":
             kw["expert_width"] = cfg.expert_width
     return create_model(cfg.name, **kw)

@@ -20,7 +20,8 @@ class ModelConfig:
     decay: Optional[float] = None  # hard-constraint state decay (None = reference, never decays)
     noisy: Optional[bool] = None  # noisy top-k (None: on for soft, off for hard constraints)
     expert_width: Optional[int] = None  # ResBlock-MoE expert width P (None = the paper's 25/50/90/180)
-    capacity_factor: Optional[float] = None  # None = exact dispatch; float = static-capacity dispatch
+    capacity_factor: Optional[float] = None  # None = exact dispatch; float = static-capacity dispatch (training)
+    stacked: bool = False  # run the experts as one channel-stacked grouped network (fewer, larger kernels)
 
 
 def parse_balance(spec: str, default_weight: float) -> Optional[Dict[str, float]]:

@@ -55,6 +55,7 @@ class RunConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32 — autocast on CUDA only; CPU always runs fp32
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     threads: Optional[int] = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
     cudnn_benchmark: Optional[bool] = None  # None = on unless deterministic or the MoE dispatch has variable
     #   per-expert batch sizes (exact dispatch: every new sub-batch size would be re-tuned)
@@ -215,6 +216,12 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"optim.schedule must be constant, step, onecycle or cosine, got '{o.schedule}'")
     if t.precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision must be bf16, fp16 or fp32, got '{t.precision}'")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if t.compile_mode not in modes:
+        raise ValueError(f"train.compile_mode must be one of {', '.join(modes)}, got '{t.compile_mode}'")
+    if t.compile_mode == "reduce-overhead" and m.moe != "none" and m.capacity_factor is None:
+        raise ValueError("train.compile_mode=reduce-overhead (CUDA graphs) needs static shapes: set "
+                         "model.capacity_factor (e.g. 1.25) or use compile_mode=default")
     if cfg.log.progress not in ("auto", "bar", "lines", "none"):
         raise ValueError(f"log.progress must be auto, bar, lines or none, got '{cfg.log.progress}'")
     for name, v in (("train.epochs", t.epochs), ("optim.batch_size", o.batch_size), ("train.eval_every", t.eval_every)):

@@ -215,7 +215,7 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=bool(layers),
             broadcast_buffers=False, gradient_as_bucket_view=True)
     if t.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=t.compile_mode)
 
     writer = None
     if d.main and resume and (run_dir / "metrics.jsonl").exists():  # drop lines of epochs being redone

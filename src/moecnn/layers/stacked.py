@@ -1,0 +1,167 @@
+"""Channel-stacked experts: N experts of one architecture executed as one grouped network.
+
+Expert e's images sit in channel block e of a ``cap × (N·C) × H × W`` tensor; every Conv2d becomes one grouped
+convolution (``groups × N``) and every BatchNorm2d one BatchNorm over N·C channels, so each channel still only
+sees its own expert's weights and images. An expert made of Conv2d, BatchNorm2d, channel-wise activations,
+pooling and residual sums (e.g. the ResBlock-MoE experts) computes exactly what N separate modules compute,
+but with the kernel launches of one module: that is what makes sparse MoE training cheap on a GPU, where small
+per-expert kernels are launch-bound. Construction checks the equivalence numerically on a probe input.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+# leaves that act on each channel separately (or hold no computation)
+CHANNELWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Mish, nn.ELU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Upsample,
+)
+
+
+def _check_same_structure(experts: Sequence[nn.Module]) -> None:
+    ref = [(n, type(m)) for n, m in experts[0].named_modules()]
+    ref_p = [(n, tuple(p.shape)) for n, p in experts[0].named_parameters()]
+    for i, e in enumerate(experts[1:], 1):
+        if [(n, type(m)) for n, m in e.named_modules()] != ref or \
+                [(n, tuple(p.shape)) for n, p in e.named_parameters()] != ref_p:
+            raise ValueError(f"stacked experts need one architecture; expert {i} differs from expert 0")
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+class StackedExperts(nn.Module):
+    """N same-architecture experts as one channel-stacked module (see the module docstring).
+
+    ``forward(x)`` takes ``N·cap × C × H × W`` images in expert-major order (rows e·cap … e·cap+cap-1 go to
+    expert e) and returns the experts' outputs in the same order. ``self[i]`` returns a *copy* of expert i as
+    an ordinary module (for inspection or per-expert use); ``len(self)`` is N.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], in_channels: int, probe_size: int = 16) -> None:
+        super().__init__()
+        experts = list(experts)
+        n = len(experts)
+        _check_same_structure(experts)
+        net = copy.deepcopy(experts[0])
+        for name, m in experts[0].named_modules():
+            if not name and list(m.children()):
+                continue
+            if list(m.children()):
+                continue
+            mods = [e.get_submodule(name) if name else e for e in experts]
+            if isinstance(m, nn.Conv2d):
+                if m.padding_mode != "zeros":
+                    raise ValueError(f"stacked experts: conv '{name}' uses padding_mode={m.padding_mode}")
+                new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding,
+                                m.dilation, groups=n * m.groups, bias=m.bias is not None)
+                with torch.no_grad():
+                    new.weight.copy_(torch.cat([c.weight for c in mods]))
+                    if m.bias is not None:
+                        new.bias.copy_(torch.cat([c.bias for c in mods]))
+            elif isinstance(m, nn.BatchNorm2d):
+                new = nn.BatchNorm2d(n * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+                with torch.no_grad():
+                    if m.affine:
+                        new.weight.copy_(torch.cat([b.weight for b in mods]))
+                        new.bias.copy_(torch.cat([b.bias for b in mods]))
+                    if m.track_running_stats:
+                        new.running_mean.copy_(torch.cat([b.running_mean for b in mods]))
+                        new.running_var.copy_(torch.cat([b.running_var for b in mods]))
+                        new.num_batches_tracked.copy_(m.num_batches_tracked)
+            elif isinstance(m, CHANNELWISE):
+                continue
+            else:
+                raise ValueError(
+                    f"cannot stack experts containing {type(m).__name__} ('{name or 'expert'}'): only Conv2d, "
+                    f"BatchNorm2d and channel-wise layers stack; use stacked=False")
+            if name:
+                _set(net, name, new)
+            else:
+                net = new
+        p = next(experts[0].parameters(), None)
+        self.net = net.to(p.device) if p is not None else net
+        self.num_experts = n
+        self.in_channels = in_channels
+        self._template = [copy.deepcopy(experts[0]).cpu()]  # a list: not registered as a submodule
+        self._verify(experts, probe_size)
+
+    # --------------------------------------------------------------- layout
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_experts
+        cap = x.shape[0] // n
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        xs = x.view(n, cap, *x.shape[1:]).transpose(0, 1).reshape(cap, n * x.shape[1], *x.shape[2:])
+        if cl:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        ys = self.net(xs)
+        c = ys.shape[1] // n
+        y = ys.reshape(cap, n, c, *ys.shape[2:]).transpose(0, 1).reshape(n * cap, c, *ys.shape[2:])
+        return y.contiguous(memory_format=torch.channels_last) if cl and y.dim() == 4 else y
+
+    def all_on(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every image: B×C×H×W -> N×B×C'×H'×W'."""
+        y = self.forward(x.repeat(self.num_experts, *[1] * (x.dim() - 1)))
+        return y.view(self.num_experts, x.shape[0], *y.shape[1:])
+
+    # --------------------------------------------------------------- per-expert copies
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, i: int) -> nn.Module:
+        """A copy of expert i as an ordinary module (same weights and running statistics, same mode)."""
+        n = self.num_experts
+        if not 0 <= i < n:
+            raise IndexError(f"expert {i} out of range 0..{n - 1}")
+        e = copy.deepcopy(self._template[0])
+        dev = next(self.net.parameters()).device
+        e = e.to(dev)
+        stacked = dict(self.net.named_modules())
+        with torch.no_grad():
+            for name, m in e.named_modules():
+                s = stacked.get(name) if name else self.net
+                if isinstance(m, nn.Conv2d):
+                    co = m.out_channels
+                    m.weight.copy_(s.weight[i * co:(i + 1) * co])
+                    if m.bias is not None:
+                        m.bias.copy_(s.bias[i * co:(i + 1) * co])
+                elif isinstance(m, nn.BatchNorm2d):
+                    c = m.num_features
+                    sl = slice(i * c, (i + 1) * c)
+                    if m.affine:
+                        m.weight.copy_(s.weight[sl])
+                        m.bias.copy_(s.bias[sl])
+                    if m.track_running_stats:
+                        m.running_mean.copy_(s.running_mean[sl])
+                        m.running_var.copy_(s.running_var[sl])
+        return e.train(self.training)
+
+    def unstack(self) -> List[nn.Module]:
+        return [self[i] for i in range(self.num_experts)]
+
+    @torch.no_grad()
+    def _verify(self, experts: List[nn.Module], size: int) -> None:
+        """Eval-mode probe: the stacked net must reproduce each expert (catches channel-mixing forwards)."""
+        dev = next(self.net.parameters()).device
+        x = torch.randn(2, self.in_channels, size, size, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+        modes = [e.training for e in experts] + [self.net.training]
+        try:
+            for e in experts:
+                e.eval()
+            self.net.eval()
+            ref = torch.cat([e(x) for e in experts])
+            got = self.forward(x.repeat(self.num_experts, 1, 1, 1))
+        finally:
+            for e, m in zip(experts, modes):
+                e.train(m)
+            self.net.train(modes[-1])
+        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+            raise ValueError("these experts do not stack: their forward mixes channels (e.g. a Linear, a "
+                             "flatten or a channel reduction); use stacked=False")

@@ -1,0 +1,140 @@
+"""Channel-stacked experts compute exactly what the list of experts computes (outputs, gradients, BN state)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import moecnn
+from moecnn.layers import StackedExperts
+from moecnn.models import create_model
+from moecnn.models.cifar_resnet import BasicBlock, _expert
+
+C = 8
+
+
+def pair(n=4, k=2, **kw):
+    """(list MoE, stacked MoE) with the same gate and expert weights."""
+    torch.manual_seed(0)
+    experts = [_expert(BasicBlock, C, 16, 2, 6) for _ in range(n)]
+    a = moecnn.MoE(copy.deepcopy(experts), k=k, noisy=False, **kw)
+    b = moecnn.MoE(copy.deepcopy(experts), k=k, noisy=False, stacked=True, **kw)
+    b.gate.load_state_dict(a.gate.state_dict())
+    return a, b
+
+
+def expert_grads_list(layer, i):
+    return [p.grad for p in layer.experts[i].parameters()]
+
+
+def test_eval_output_equals_list_experts_exactly():
+    a, b = pair()
+    a.eval(), b.eval()
+    x = torch.randn(11, C, 8, 8)
+    torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)
+    assert b.record.dropped is None
+
+
+def test_training_capacity_mode_matches_list_outputs_grads_and_bn_state():
+    """Same capacity dispatch (same filler copies): outputs, every gradient and BN running stats agree."""
+    a, b = pair(capacity_factor=1.5)
+    a.train(), b.train()
+    x = torch.randn(12, C, 8, 8)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(b.gate.fc.weight.grad, a.gate.fc.weight.grad, atol=1e-5, rtol=1e-5)
+    stacked = dict(b.experts.net.named_modules())
+    for name, m in a.experts[0].named_modules():
+        if isinstance(m, nn.Conv2d):
+            got = stacked[name].weight.grad
+            ref = torch.cat([a.experts[i].get_submodule(name).weight.grad for i in range(4)])
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        if isinstance(m, nn.BatchNorm2d):
+            ref_rm = torch.cat([a.experts[i].get_submodule(name).running_mean for i in range(4)])
+            torch.testing.assert_close(stacked[name].running_mean, ref_rm, atol=1e-6, rtol=1e-5)
+
+
+def test_every_stacked_parameter_gets_a_gradient_and_no_nan():
+    _, b = pair(capacity_factor=1.25)
+    b.train()
+    x = torch.randn(16, C, 8, 8)
+    (b(x).square().mean()).backward()
+    for name, p in b.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_forced_expert_and_dense_controls():
+    a, b = pair()
+    a.eval(), b.eval()
+    x = torch.randn(5, C, 8, 8)
+    b.set_controls(force=2)
+    torch.testing.assert_close(b(x), a.experts[2](x), atol=1e-5, rtol=1e-5)
+    b.set_controls(dense=True, disabled=[1])
+    ref = sum(a.experts[i](x) for i in (0, 2, 3)) / 3
+    torch.testing.assert_close(b(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_indexing_gives_a_copy_of_expert_i():
+    a, b = pair()
+    a.eval(), b.eval()
+    x = torch.randn(3, C, 8, 8)
+    assert len(b.experts) == 4
+    e1 = b.experts[1]
+    assert not e1.training
+    torch.testing.assert_close(e1(x), a.experts[1](x), atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_round_trip():
+    _, b = pair(capacity_factor=1.25)
+    b.train()
+    b(torch.randn(8, C, 8, 8))
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    _, c = pair(capacity_factor=1.25)
+    c.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    b.eval(), c.eval()
+    x = torch.randn(4, C, 8, 8)
+    torch.testing.assert_close(c(x), b(x))
+
+
+def test_channel_mixing_or_different_experts_are_refused():
+    class Mixing(nn.Module):  # a forward that reduces over channels: cannot be stacked
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y - y.mean(1, keepdim=True)
+
+    with pytest.raises(ValueError, match="mixes channels"):
+        moecnn.MoE([Mixing() for _ in range(3)], k=1, stacked=True)
+    with pytest.raises(ValueError, match="cannot stack experts containing Flatten"):
+        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.Flatten(), nn.Linear(4, 2)) for _ in range(2)],
+                   k=1, in_channels=C, stacked=True)
+    with pytest.raises(ValueError, match="one architecture"):
+        moecnn.MoE([nn.Conv2d(C, 4, 1), nn.Conv2d(C, 4, 3, padding=1)], k=1, stacked=True)
+
+
+def test_stacked_model_from_config_trains():
+    model = create_model("resnet10_tiny", num_classes=10, moe="resblock", position=4, num_experts=4, k=2,
+                         balance={"kl": 0.5}, capacity_factor=1.25, stacked=True)
+    assert isinstance(model.layer4.moe.experts, StackedExperts)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    loss = nn.functional.cross_entropy(model(x), y) + moecnn.aux_loss(model)[0]
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_spatial_gate_with_stacked_experts():
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU()) for _ in range(3)]
+    a = moecnn.MoE(copy.deepcopy(experts), gate="spatial", k=2, noisy=False).eval()
+    b = moecnn.MoE(copy.deepcopy(experts), gate="spatial", k=2, noisy=False, stacked=True).eval()
+    b.gate.load_state_dict(a.gate.state_dict())
+    x = torch.randn(4, C, 6, 6)
+    torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)
