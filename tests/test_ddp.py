@@ -6,6 +6,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -22,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, run_dir: str, out: str, extra=()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -30,15 +31,19 @@ def _worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
     from moecnn.train.loop import run
 
     try:
-        final, model = run(load_config("tiny", TINY), run_dir)
+        final, model = run(load_config("tiny", TINY + list(extra)), run_dir)
         torch.save({"state": model.state_dict(), "final": final}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         distributed.cleanup()
 
 
-def test_ddp_two_ranks_stay_identical(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.capacity_factor=1.25", "model.stacked=true")],
+                         ids=["exact", "stacked-capacity"])
+def test_ddp_two_ranks_stay_identical(tmp_path, extra):
+    """Exact dispatch (DDP must allow unused experts) and stacked capacity dispatch (every parameter is used
+    every step, so DDP runs without find_unused_parameters)."""
     run_dir = tmp_path / "run"
-    mp.start_processes(_worker, args=(2, _free_port(), str(run_dir), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, _free_port(), str(run_dir), str(tmp_path), extra), nprocs=2, join=True,
                        start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

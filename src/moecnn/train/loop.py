@@ -208,11 +208,13 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
 
     model = raw
     if d.enabled:
-        # find_unused_parameters: an expert may get no images in a step. No per-step buffer broadcast:
-        # BatchNorm statistics are averaged once per epoch (D.average_buffers) and the hard-constraint
-        # state is all-reduced by the MoE layer itself.
+        # find_unused_parameters only for exact dispatch, where an expert may get no images in a step
+        # (capacity dispatch runs every expert on a full buffer). No per-step buffer broadcast: BatchNorm
+        # statistics are averaged once per epoch (D.average_buffers) and the hard-constraint state is
+        # all-reduced by the MoE layer itself.
+        unused = any(m.capacity_factor is None for m in layers.values())
         model = nn.parallel.DistributedDataParallel(
-            raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=bool(layers),
+            raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=unused,
             broadcast_buffers=False, gradient_as_bucket_view=True)
     if t.compile:
         model = torch.compile(model, mode=t.compile_mode)
