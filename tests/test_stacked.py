@@ -113,6 +113,17 @@ def test_channel_mixing_or_different_experts_are_refused():
 
     with pytest.raises(ValueError, match="mixes channels"):
         moecnn.MoE([Mixing() for _ in range(3)], k=1, stacked=True)
+    one = Mixing()  # identical copies (moeify init="copy") must be caught too
+    with pytest.raises(ValueError, match="mixes channels"):
+        moecnn.MoE([copy.deepcopy(one) for _ in range(3)], k=1, stacked=True)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+                    for _ in range(2)], k=1, stacked=True)
+    with pytest.raises(ValueError, match="differs from expert 0"):  # a training-only setting differs
+        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.BatchNorm2d(4, momentum=m)) for m in (0.1, 0.9)],
+                   k=1, stacked=True)
+    with pytest.raises(ValueError, match="need parameters"):
+        moecnn.MoE([nn.ReLU(), nn.ReLU()], k=1, in_channels=C, stacked=True)
     with pytest.raises(ValueError, match="cannot stack experts containing Flatten"):
         moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.Flatten(), nn.Linear(4, 2)) for _ in range(2)],
                    k=1, in_channels=C, stacked=True)
@@ -138,3 +149,42 @@ def test_spatial_gate_with_stacked_experts():
     b.gate.load_state_dict(a.gate.state_dict())
     x = torch.randn(4, C, 6, 6)
     torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(groups=2), dict(dilation=2, padding=2), dict(stride=2, bias=False),
+                                dict(padding="same")], ids=["groups", "dilation", "stride-nobias", "same"])
+def test_conv_variants_and_bn_settings_stack_exactly(kw):
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Conv2d(C, 8, 3, **({"padding": 1} | kw)), nn.BatchNorm2d(8, momentum=None),
+                             nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, affine=False)) for _ in range(3)]
+    a = moecnn.MoE(copy.deepcopy(experts), k=2, noisy=False, capacity_factor=2.0)
+    b = moecnn.MoE(copy.deepcopy(experts), k=2, noisy=False, capacity_factor=2.0, stacked=True)
+    b.gate.load_state_dict(a.gate.state_dict())
+    x = torch.randn(6, C, 9, 9)
+    for _ in range(2):  # training updates (momentum=None: cumulative averages) then evaluation
+        torch.testing.assert_close(b.train()(x), a.train()(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.eval()(x), a.eval()(x), atol=1e-5, rtol=1e-5)
+    e0 = b.experts[0]
+    bn = e0[1]
+    assert int(bn.num_batches_tracked) == int(a.experts[0][1].num_batches_tracked) == 2
+
+
+def test_dtype_device_and_frozen_parameters_are_kept():
+    experts = [nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4)).double() for _ in range(2)]
+    for e in experts:
+        e[0].weight.requires_grad_(False)
+    b = moecnn.MoE(experts, k=1, noisy=False, stacked=True)
+    assert b.experts.net[0].weight.dtype == torch.float64 and not b.experts.net[0].weight.requires_grad
+    b.to(torch.bfloat16)
+    assert b.experts[1][0].weight.dtype == torch.bfloat16
+
+
+def test_stacked_bf16_autocast_channels_last():
+    _, b = pair(capacity_factor=1.25)
+    b = b.to(memory_format=torch.channels_last).train()
+    x = torch.randn(8, C, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = b(x)
+    assert torch.isfinite(y.float()).all()
+    y.float().mean().backward()
+    assert all(p.grad is not None for p in b.experts.parameters())

@@ -319,7 +319,7 @@ class MoE(nn.Module):
             else:  # every routed slot fits: exact (one host sync)
                 cap = max(1, int(counts.max()))
                 if not self.training:  # few distinct shapes for cuDNN autotuning; copies are harmless in eval
-                    cap = -(-cap // 32) * 32
+                    cap = min(-(-cap // 32) * 32, b * kk)
             starts = torch.cumsum(counts, 0) - counts
             pos = torch.arange(b * kk, device=x.device) - starts[flat_e[order]]
             keep = pos < cap
