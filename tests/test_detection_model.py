@@ -164,3 +164,31 @@ def test_imagenet_backbone_weights_file(tmp_path):
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="neither a RetinaNet state dict nor a ResNet one"):
         create_model("retinanet_resnet18_fpn_moe", weights=str(bad), **SMALL)
+
+
+@pytest.mark.parametrize("head_norm", ["none", "gn"])
+def test_stacked_head_experts_match_list_experts(tmp_path, head_norm):
+    """Dense head weights copied (with the same noise) into list and into stacked experts: same detections
+    and losses; the stacked model trains with every parameter receiving a gradient."""
+    kw = dict(SMALL, fpn_channels=32, head_norm=head_norm)
+    torch.manual_seed(2)
+    dense = create_model("retinanet_resnet18_fpn", **kw)
+    path = tmp_path / "dense.pt"
+    torch.save(dense.state_dict(), path)
+    a = create_model("retinanet_resnet18_fpn_moe", weights=str(path), expert_noise=0.05, **kw)
+    b = create_model("retinanet_resnet18_fpn_moe", weights=str(path), expert_noise=0.05, stacked=True, **kw)
+    assert isinstance(b.head.classification_head.moe.experts, moecnn.layers.StackedExperts)
+    for ha, hb in ((a.head.classification_head, b.head.classification_head),
+                   (a.head.regression_head, b.head.regression_head)):
+        hb.moe.gate.load_state_dict(ha.moe.gate.state_dict())
+        if ha.moe.noise is not None:
+            hb.moe.noise.load_state_dict(ha.moe.noise.state_dict())
+        torch.testing.assert_close(hb.moe.experts[1].out.weight, ha.moe.experts[1].out.weight)
+    images, targets = _batch()
+    a.eval(), b.eval()
+    with torch.no_grad():
+        da, db = a(images), b(images)
+    for x, y in zip(da, db):
+        torch.testing.assert_close(y["boxes"], x["boxes"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y["scores"], x["scores"], atol=1e-5, rtol=1e-4)
+    _train_step(b)

@@ -1,8 +1,9 @@
 """Channel-stacked experts: N experts of one architecture executed as one grouped network.
 
 Expert e's images sit in channel block e of a ``cap × (N·C) × H × W`` tensor; every Conv2d becomes one grouped
-convolution (``groups × N``) and every BatchNorm2d one BatchNorm over N·C channels, so each channel still only
-sees its own expert's weights and images. An expert made of Conv2d, BatchNorm2d, channel-wise activations,
+convolution (``groups × N``), every BatchNorm2d one BatchNorm over N·C channels and every GroupNorm one
+GroupNorm with N times the groups, so each channel still only
+sees its own expert's weights and images. An expert made of Conv2d, BatchNorm2d, GroupNorm, channel-wise activations,
 pooling and residual sums (e.g. the ResBlock-MoE experts) computes exactly what N separate modules compute,
 but with the kernel launches of one module: that is what makes sparse MoE training cheap on a GPU, where small
 per-expert kernels are launch-bound. Construction checks the equivalence numerically on a probe input.
@@ -91,12 +92,18 @@ class StackedExperts(nn.Module):
                         new.running_mean.copy_(torch.cat([b.running_mean for b in mods]))
                         new.running_var.copy_(torch.cat([b.running_var for b in mods]))
                         new.num_batches_tracked.copy_(m.num_batches_tracked)
+            elif isinstance(m, nn.GroupNorm):  # groups are contiguous channel blocks: N·G groups stay per expert
+                new = nn.GroupNorm(n * m.num_groups, n * m.num_channels, m.eps, m.affine, **like)
+                if m.affine:
+                    with torch.no_grad():
+                        new.weight.copy_(torch.cat([b.weight for b in mods]))
+                        new.bias.copy_(torch.cat([b.bias for b in mods]))
             elif isinstance(m, CHANNELWISE):
                 continue
             else:
                 raise ValueError(
                     f"cannot stack experts containing {type(m).__name__} ('{name or 'expert'}'): only Conv2d, "
-                    f"BatchNorm2d and channel-wise layers stack; use stacked=False")
+                    f"BatchNorm2d, GroupNorm and channel-wise layers stack; use stacked=False")
             for a, b in zip(new.parameters(), m.parameters()):
                 a.requires_grad_(b.requires_grad)
             if name:
@@ -148,6 +155,11 @@ class StackedExperts(nn.Module):
                     m.weight.copy_(s.weight[i * co:(i + 1) * co])
                     if m.bias is not None:
                         m.bias.copy_(s.bias[i * co:(i + 1) * co])
+                elif isinstance(m, nn.GroupNorm):
+                    if m.affine:
+                        c = m.num_channels
+                        m.weight.copy_(s.weight[i * c:(i + 1) * c])
+                        m.bias.copy_(s.bias[i * c:(i + 1) * c])
                 elif isinstance(m, nn.BatchNorm2d):
                     c = m.num_features
                     sl = slice(i * c, (i + 1) * c)

@@ -129,7 +129,10 @@ class _MoEHeadMixin:
     def _init_moe(self, tower_kwargs: dict, num_experts: int, k: int, routing_mode: str, gate, moe_kwargs: dict):
         if routing_mode not in ("level", "anchor"):
             raise ValueError(f"routing must be 'level' or 'anchor', got '{routing_mode}'")
-        flatten = routing_mode == "level"
+        # stacked experts must keep the channel layout: the anchor layout is then applied after the mixture
+        # (a per-image linear reshuffle, so Σ g_i L(E_i(x)) = L(Σ g_i E_i(x)))
+        flatten = routing_mode == "level" and not moe_kwargs.get("stacked", False)
+        self._layout_after = not flatten
         experts = [HeadTower(flatten=flatten, **tower_kwargs) for _ in range(num_experts)]
         self.moe = MoE(experts, gate=gate, k=k, in_channels=tower_kwargs["in_channels"], **moe_kwargs)
         self.moe.gate = _FP32Gate(self.moe.gate)
@@ -151,7 +154,7 @@ class _MoEHeadMixin:
         outs, records = [], []
         for features in x:
             y = self.moe(features)
-            if self.routing_mode == "anchor":
+            if self._layout_after:
                 y = _to_anchor_layout(y, self.per_anchor)
             outs.append(y)
             records.append(self.moe.record)
@@ -495,13 +498,20 @@ def _expand_head_to_experts(sd: Dict[str, Tensor], model: MoERetinaNet, noise: f
             continue
         for k in dense:
             out.pop(prefix + k)
+        stacked = head.moe.stacked
+        copies: Dict[str, List[Tensor]] = {}
         for e in range(head.moe.num_experts):
             for k, v in dense.items():
                 new = k.replace(f"{last}.", "out.", 1) if k.startswith(last + ".") else k
                 v = v.clone()
                 if noise > 0 and v.is_floating_point() and v.numel() > 1:
                     v = v + torch.randn(v.shape, generator=gen).to(v) * (v.float().std().item() or 1.0) * noise
-                out[f"{prefix}moe.experts.{e}.{new}"] = v
+                if stacked:
+                    copies.setdefault(new, []).append(v)
+                else:
+                    out[f"{prefix}moe.experts.{e}.{new}"] = v
+        for new, vs in copies.items():  # stacked experts: expert e's copy is channel block e
+            out[f"{prefix}moe.experts.net.{new}"] = torch.cat(vs) if vs[0].dim() > 0 else vs[0]
     return out
 
 
@@ -596,6 +606,7 @@ def build_retinanet(
     head_norm: str = "none",
     fpn_channels: int = 256,
     head_convs: int = 4,
+    stacked: bool = False,
     expert_noise: float = 0.01,
     attribution_head: str = "auto",
     score_thresh: float = 0.05,
@@ -627,6 +638,8 @@ def build_retinanet(
         head_norm: ``none`` (torchvision v1 heads) or ``gn`` (GroupNorm(32) in the towers).
         fpn_channels, head_convs: FPN width (256) and convs per head tower (4); smaller values only for
             quick tests (dense heads then keep torchvision's 4 convs).
+        stacked: run each MoE head's experts as one channel-stacked grouped network (see
+            :class:`moecnn.layers.StackedExperts`): the kernel launches of one head per FPN level.
     """
     if arch not in ("resnet50", "resnet18"):
         raise ValueError(f"arch must be 'resnet50' or 'resnet18', got '{arch}'")
@@ -666,6 +679,8 @@ def build_retinanet(
     if gate is None:
         gate = "spatial" if routing == "anchor" else "relu_gap_fc"
     moe_kwargs = dict(balance=_parse_balance(balance, balance_weight), balance_weight=balance_weight)
+    if stacked:
+        moe_kwargs["stacked"] = True
     if threshold is not None:
         moe_kwargs["threshold"] = threshold
     if noisy is not None:

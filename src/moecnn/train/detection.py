@@ -107,6 +107,7 @@ class DetectionModelConfig:
     head_norm: str = "none"
     fpn_channels: int = 256
     head_convs: int = 4
+    stacked: bool = False  # MoE head experts as one channel-stacked grouped network (fewer kernel launches)
     expert_noise: float = 0.01
     score_thresh: float = 0.05
     detections_per_img: int = 100
