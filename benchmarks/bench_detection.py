@@ -93,10 +93,17 @@ def main(argv=None) -> dict:
                        routing=args.routing, moe_heads=args.moe_heads, **common).to(device)
     results["moe_images_per_s"] = bench(moe, batches, device, args.steps, args.warmup, args.bf16)
     results["ratio_moe_over_dense"] = results["moe_images_per_s"] / results["dense_images_per_s"]
+    del moe
+    stk = create_model(f"retinanet_{args.arch}_fpn_moe", num_experts=args.num_experts, k=args.k,
+                       routing=args.routing, moe_heads=args.moe_heads, stacked=True, **common).to(device)
+    results["moe_stacked_images_per_s"] = bench(stk, batches, device, args.steps, args.warmup, args.bf16)
+    results["ratio_moe_stacked_over_dense"] = results["moe_stacked_images_per_s"] / results["dense_images_per_s"]
     print(f"dense RetinaNet {args.arch}-FPN: {results['dense_images_per_s']:.2f} images/s")
     print(f"MoE   RetinaNet {args.arch}-FPN (N={args.num_experts}, k={args.k}, {args.routing}, "
           f"{args.moe_heads}): {results['moe_images_per_s']:.2f} images/s")
     print(f"ratio MoE / dense: {results['ratio_moe_over_dense']:.3f}")
+    print(f"MoE, stacked experts: {results['moe_stacked_images_per_s']:.2f} images/s, "
+          f"ratio / dense: {results['ratio_moe_stacked_over_dense']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
