@@ -188,3 +188,20 @@ def test_stacked_bf16_autocast_channels_last():
     assert torch.isfinite(y.float()).all()
     y.float().mean().backward()
     assert all(p.grad is not None for p in b.experts.parameters())
+
+
+@pytest.mark.parametrize("gate", moecnn.GATES.names())
+@pytest.mark.parametrize("balance", moecnn.LOSSES.names() + moecnn.CONSTRAINTS.names() + [None])
+def test_every_gate_and_balance_with_stacked_experts(gate, balance):
+    """timm-style sweep: stacked capacity dispatch trains with every gate and balancing variant; every
+    parameter (gate, noise, all experts) gets a finite gradient in one step."""
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Conv2d(C, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(4)]
+    layer = moecnn.MoE(experts, gate=gate, k=2, balance=balance, capacity_factor=1.25, stacked=True).train()
+    x = torch.randn(16, C, 6, 6)
+    y = layer(x)
+    total, _ = moecnn.aux_loss(layer)
+    assert torch.isfinite(y).all() and torch.isfinite(total)
+    (y.square().mean() + total).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
