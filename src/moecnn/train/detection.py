@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .loop import seed_all
-from .runs import _jsonable, atomic_write_bytes, save_torch
+from .runs import _jsonable, atomic_write_bytes, git_commit, save_torch
 from .runs import save_json as _save_json
 
 __all__ = [
@@ -370,7 +370,8 @@ def _meta(cfg: DictConfig, device: torch.device, resumed: bool, run_dir: Path) -
 
     path = run_dir / "meta.json"
     meta = json.loads(path.read_text()) if path.is_file() else {}
-    meta.update(task="detection", seed=cfg.seed, torch=torch.__version__, torchvision=torchvision.__version__,
+    meta.update(task="detection", seed=cfg.seed, git_commit=git_commit(), torch=torch.__version__,
+                torchvision=torchvision.__version__,
                 python=platform.python_version(), device=str(device),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 argv=sys.argv)
