@@ -205,3 +205,33 @@ def test_every_gate_and_balance_with_stacked_experts(gate, balance):
     (y.square().mean() + total).backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_moeify_torchvision_block_with_stacked_copies_keeps_the_function():
+    """moeify(..., init="copy", stacked=True) on a torchvision ResNet block (residual + downsample): every
+    expert is the original block, so the model's output is unchanged whatever the routing."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    moecnn.moeify(model, "layer3.0", num_experts=4, k=2, init="copy", stacked=True)
+    assert isinstance(model.layer3[0].experts, StackedExperts)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_subclassed_norm_with_fused_activation_is_refused():
+    class BNAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: weights plus an activation submodule
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(super().forward(x))
+
+    with pytest.raises(ValueError, match="cannot stack experts containing BNAct"):
+        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), BNAct(4)) for _ in range(2)], k=1, stacked=True)

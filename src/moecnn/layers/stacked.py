@@ -65,12 +65,14 @@ class StackedExperts(nn.Module):
         like = dict(device=p0.device, dtype=p0.dtype)
         net = copy.deepcopy(experts[0])
         for name, m in experts[0].named_modules():
-            if not name and list(m.children()):
-                continue
             if list(m.children()):
+                own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+                if own:  # e.g. a norm layer with a fused activation submodule: not a plain container
+                    raise ValueError(f"cannot stack experts containing {type(m).__name__} ('{name or 'expert'}'), "
+                                     f"a module with its own weights and submodules; use stacked=False")
                 continue
             mods = [e.get_submodule(name) if name else e for e in experts]
-            if isinstance(m, nn.Conv2d):
+            if type(m) is nn.Conv2d:
                 if m.padding_mode != "zeros":
                     raise ValueError(f"stacked experts: conv '{name}' uses padding_mode={m.padding_mode}")
                 new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding,
@@ -79,7 +81,7 @@ class StackedExperts(nn.Module):
                     new.weight.copy_(torch.cat([c.weight for c in mods]))
                     if m.bias is not None:
                         new.bias.copy_(torch.cat([c.bias for c in mods]))
-            elif isinstance(m, nn.BatchNorm2d):
+            elif type(m) is nn.BatchNorm2d:
                 if not m.track_running_stats:
                     raise ValueError(f"cannot stack BatchNorm2d '{name}' with track_running_stats=False (it would "
                                      f"use batch statistics, filler copies included, in evaluation); use stacked=False")
@@ -92,7 +94,7 @@ class StackedExperts(nn.Module):
                         new.running_mean.copy_(torch.cat([b.running_mean for b in mods]))
                         new.running_var.copy_(torch.cat([b.running_var for b in mods]))
                         new.num_batches_tracked.copy_(m.num_batches_tracked)
-            elif isinstance(m, nn.GroupNorm):  # groups are contiguous channel blocks: N·G groups stay per expert
+            elif type(m) is nn.GroupNorm:  # groups are contiguous channel blocks: N·G groups stay per expert
                 new = nn.GroupNorm(n * m.num_groups, n * m.num_channels, m.eps, m.affine, **like)
                 if m.affine:
                     with torch.no_grad():
@@ -190,7 +192,11 @@ class StackedExperts(nn.Module):
                 e.eval()
             self.net.eval()
             ref = torch.cat([e(x[2 * i: 2 * i + 2]) for i, e in enumerate(experts)])
-            got = self.forward(x)
+            try:
+                got = self.forward(x)
+            except RuntimeError as err:
+                raise ValueError(f"these experts do not stack (the stacked probe failed: {str(err).splitlines()[0]}); "
+                                 f"use stacked=False") from None
         finally:
             for e, m in zip(experts, modes):
                 e.train(m)
