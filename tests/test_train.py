@@ -171,3 +171,27 @@ def test_lr_schedules():
     assert g(80 * 5 + 4) == 1.0 and g(81 * 5) == pytest.approx(0.1) and g(120 * 5) == pytest.approx(0.01)
     b = loop.lr_lambda(load_config("paper_baseline").optim, epochs=150, steps_per_epoch=1)
     assert b(60) == 1.0 and b(61) == pytest.approx(0.1) and b(100) == pytest.approx(0.01)
+
+
+def test_stacked_capacity_run_resumes_and_evaluates(tmp_path):
+    """The compiled recipe's model settings (stacked experts, training capacity) through train → interrupt →
+    resume → eval on the CPU: bit-identical resume, eval suite complete, no dropped slots in evaluation."""
+    extra = ("model.stacked=true", "model.capacity_factor=1.25", "train.deterministic=true")
+    full = train(cfg(*extra), tmp_path / "full")
+    part = tmp_path / "part"
+    train(cfg(*extra, "train.stop_after_epochs=1"), part)
+    assert main(["train", "--resume", str(part)]) == 0
+    assert json.loads((part / "final.json").read_text()) == json.loads(json.dumps(full))
+    summary = run_eval(part, device="cpu")
+    assert set(summary["k_sweep"]) == {"1", "2", "3", "4"} and set(summary["forced"]) == {"0", "1", "2", "3"}
+    model, _, _ = load_run(part)
+    from moecnn.layers import StackedExperts
+
+    assert isinstance(model.layer4.moe.experts, StackedExperts)
+
+
+def test_reduce_overhead_needs_static_shapes():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        cfg("train.compile=true", "train.compile_mode=reduce-overhead")
+    with pytest.raises(ValueError, match="compile_mode"):
+        cfg("train.compile_mode=fastest")
