@@ -430,3 +430,13 @@ def test_bf16_autocast_and_channels_last(capacity_factor):
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert layer.record.weights.dtype == torch.float32  # routing stays in float32
     (y.float().mean() + total).backward()
+
+
+def test_routing_and_aux_loss_accept_a_layer_dict():
+    model = moecnn.create_model("resnet10_tiny", num_classes=10, moe="resblock", balance={"kl": 0.5})
+    model(torch.randn(4, 3, 32, 32))
+    layers = moecnn.moe_layers(model)
+    a, ta = moecnn.aux_loss(model)
+    b, tb = moecnn.aux_loss(layers)
+    assert torch.equal(a, b) and ta.keys() == tb.keys() == {"layer4.moe/kl"}
+    assert moecnn.routing(layers).keys() == moecnn.routing(model).keys()

@@ -18,19 +18,23 @@ def moe_layers(model: nn.Module) -> Dict[str, MoE]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def routing(model: nn.Module) -> Dict[str, RoutingRecord]:
-    """The routing record of every MoE layer's last forward."""
-    return {name: m.record for name, m in moe_layers(model).items() if m.record is not None}
+def routing(model: nn.Module | Dict[str, MoE]) -> Dict[str, RoutingRecord]:
+    """The routing record of every MoE layer's last forward (``model`` may also be the dict that
+    :func:`moe_layers` returned, which saves walking the module tree in a training loop)."""
+    layers = model if isinstance(model, dict) else moe_layers(model)
+    return {name: m.record for name, m in layers.items() if m.record is not None}
 
 
-def aux_loss(model: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Total weighted auxiliary loss of the last forward and each term, keyed ``"<layer>/<loss>"``."""
+def aux_loss(model: nn.Module | Dict[str, MoE]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Total weighted auxiliary loss of the last forward and each term, keyed ``"<layer>/<loss>"``
+    (``model`` may also be a :func:`moe_layers` dict)."""
     terms: Dict[str, torch.Tensor] = {}
     for name, rec in routing(model).items():
         for loss_name, val in rec.aux_losses.items():
             terms[f"{name or 'moe'}/{loss_name}"] = val
     if not terms:
-        p = next(model.parameters(), None)
+        mods = list(model.values()) if isinstance(model, dict) else [model]
+        p = next((q for m in mods for q in m.parameters()), None)
         return torch.zeros((), device=p.device if p is not None else None), terms
     return torch.stack(list(terms.values())).sum(), terms
 

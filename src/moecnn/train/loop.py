@@ -262,7 +262,7 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             with amp():
                 out = model(x)
                 task = F.cross_entropy(out.float(), y, label_smoothing=ls)
-                aux, terms = aux_loss(raw)
+                aux, terms = aux_loss(layers) if layers else aux_loss(raw)
             loss = task + aux
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -281,7 +281,7 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
                     sums[k] = sums.get(k, 0) + v.detach().float() * b
                 correct += (out.argmax(1) == y).sum()
                 seen += b
-                for n, rec in routing(raw).items():
+                for n, rec in routing(layers).items():
                     imp[n] += rec.importance.float()
                     cnt[n] += rec.counts.float()
             if (step + 1) % cfg.log.check_every == 0:
