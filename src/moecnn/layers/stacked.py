@@ -40,6 +40,15 @@ def _check_same_structure(experts: Sequence[nn.Module]) -> None:
                              f"parameters); expert {i} differs from expert 0")
 
 
+STACKED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def _blocks(m: nn.Module) -> tuple:
+    """Names of ``m``'s tensors that stack along dim 0, one block per expert (the rest is per-layer)."""
+    return tuple(a for a in ("weight", "bias", "running_mean", "running_var")
+                 if isinstance(getattr(m, a, None), torch.Tensor))
+
+
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
@@ -77,35 +86,24 @@ class StackedExperts(nn.Module):
                     raise ValueError(f"stacked experts: conv '{name}' uses padding_mode={m.padding_mode}")
                 new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding,
                                 m.dilation, groups=n * m.groups, bias=m.bias is not None, **like)
-                with torch.no_grad():
-                    new.weight.copy_(torch.cat([c.weight for c in mods]))
-                    if m.bias is not None:
-                        new.bias.copy_(torch.cat([c.bias for c in mods]))
             elif type(m) is nn.BatchNorm2d:
                 if not m.track_running_stats:
                     raise ValueError(f"cannot stack BatchNorm2d '{name}' with track_running_stats=False (it would "
                                      f"use batch statistics, filler copies included, in evaluation); use stacked=False")
                 new = nn.BatchNorm2d(n * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **like)
                 with torch.no_grad():
-                    if m.affine:
-                        new.weight.copy_(torch.cat([b.weight for b in mods]))
-                        new.bias.copy_(torch.cat([b.bias for b in mods]))
-                    if m.track_running_stats:
-                        new.running_mean.copy_(torch.cat([b.running_mean for b in mods]))
-                        new.running_var.copy_(torch.cat([b.running_var for b in mods]))
-                        new.num_batches_tracked.copy_(m.num_batches_tracked)
+                    new.num_batches_tracked.copy_(m.num_batches_tracked)  # equal across experts (checked)
             elif type(m) is nn.GroupNorm:  # groups are contiguous channel blocks: N·G groups stay per expert
                 new = nn.GroupNorm(n * m.num_groups, n * m.num_channels, m.eps, m.affine, **like)
-                if m.affine:
-                    with torch.no_grad():
-                        new.weight.copy_(torch.cat([b.weight for b in mods]))
-                        new.bias.copy_(torch.cat([b.bias for b in mods]))
             elif isinstance(m, CHANNELWISE):
                 continue
             else:
                 raise ValueError(
                     f"cannot stack experts containing {type(m).__name__} ('{name or 'expert'}'): only Conv2d, "
                     f"BatchNorm2d, GroupNorm and channel-wise layers stack; use stacked=False")
+            with torch.no_grad():
+                for a in _blocks(m):
+                    getattr(new, a).copy_(torch.cat([getattr(b, a) for b in mods]))
             for a, b in zip(new.parameters(), m.parameters()):
                 a.requires_grad_(b.requires_grad)
             if name:
@@ -151,25 +149,13 @@ class StackedExperts(nn.Module):
         stacked = dict(self.net.named_modules())
         with torch.no_grad():
             for name, m in e.named_modules():
+                if type(m) not in STACKED_TYPES:
+                    continue
                 s = stacked.get(name) if name else self.net
-                if isinstance(m, nn.Conv2d):
-                    co = m.out_channels
-                    m.weight.copy_(s.weight[i * co:(i + 1) * co])
-                    if m.bias is not None:
-                        m.bias.copy_(s.bias[i * co:(i + 1) * co])
-                elif isinstance(m, nn.GroupNorm):
-                    if m.affine:
-                        c = m.num_channels
-                        m.weight.copy_(s.weight[i * c:(i + 1) * c])
-                        m.bias.copy_(s.bias[i * c:(i + 1) * c])
-                elif isinstance(m, nn.BatchNorm2d):
-                    c = m.num_features
-                    sl = slice(i * c, (i + 1) * c)
-                    if m.affine:
-                        m.weight.copy_(s.weight[sl])
-                        m.bias.copy_(s.bias[sl])
-                    m.running_mean.copy_(s.running_mean[sl])
-                    m.running_var.copy_(s.running_var[sl])
+                for a in _blocks(m):
+                    t = getattr(m, a)
+                    t.copy_(getattr(s, a)[i * len(t):(i + 1) * len(t)])
+                if type(m) is nn.BatchNorm2d:
                     m.num_batches_tracked.copy_(s.num_batches_tracked)
         return e.train(self.training)
 
