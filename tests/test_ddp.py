@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str, out: str, extra=()) 
         distributed.cleanup()
 
 
-@pytest.mark.parametrize("extra", [(), ("model.capacity_factor=1.25", "model.stacked=true")],
+@pytest.mark.parametrize("extra", [(), ("model.capacity_factor=1.25", "model.stacked=true", "train.dist_backend=gloo")],
                          ids=["exact", "stacked-capacity"])
 def test_ddp_two_ranks_stay_identical(tmp_path, extra):
     """Exact dispatch (DDP must allow unused experts) and stacked capacity dispatch (every parameter is used
@@ -58,3 +58,15 @@ def test_ddp_two_ranks_stay_identical(tmp_path, extra):
     assert (run_dir / "final.json").is_file()
     rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(sum(rec["routing"]["layer4.moe"]["routed"]) - 2) < 1e-4
+
+
+def test_dist_backend_errors(monkeypatch):
+    """NCCL on the CPU and an unknown backend name each stop with a one-line error that says what to do."""
+    from moecnn.train import distributed, load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="dist_backend=gloo"):
+        distributed.init("cpu", "nccl")
+    with pytest.raises(ValueError, match="train.dist_backend must be"):
+        load_config("tiny", ["train.dist_backend=mpi"])

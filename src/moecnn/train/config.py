@@ -52,6 +52,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms, no cudnn.benchmark (bit-exact resume on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N  (DDP: each rank uses cuda:LOCAL_RANK)
+    dist_backend: str = "auto"  # torchrun: auto (nccl on CUDA, gloo on CPU) | nccl | gloo (gloo lets ranks share a GPU)
     precision: str = "bf16"  # bf16 | fp16 | fp32 — autocast on CUDA only; CPU always runs fp32
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model
@@ -222,6 +223,8 @@ def validate(cfg: DictConfig) -> None:
     if t.compile_mode == "reduce-overhead" and m.moe != "none" and m.capacity_factor is None:
         raise ValueError("train.compile_mode=reduce-overhead (CUDA graphs) needs static shapes: set "
                          "model.capacity_factor (e.g. 1.25) or use compile_mode=default")
+    if t.dist_backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"train.dist_backend must be auto, nccl or gloo, got '{t.dist_backend}'")
     if cfg.log.progress not in ("auto", "bar", "lines", "none"):
         raise ValueError(f"log.progress must be auto, bar, lines or none, got '{cfg.log.progress}'")
     for name, v in (("train.epochs", t.epochs), ("optim.batch_size", o.batch_size), ("train.eval_every", t.eval_every)):

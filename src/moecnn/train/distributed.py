@@ -40,17 +40,29 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device_spec: str = "auto") -> Dist:
+def init(device_spec: str = "auto", backend: str = "auto") -> Dist:
+    """``backend``: auto (nccl on CUDA, gloo on CPU), nccl or gloo. With gloo, ranks may outnumber the
+    GPUs and then share them (rank r uses cuda:r mod G): a correctness run of the multi-GPU path on one GPU,
+    not a speed measurement. NCCL needs one GPU per rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(device=pick_device(device_spec))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device("cuda" if device_spec == "cuda" else device_spec, local)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise RuntimeError("train.dist_backend=nccl needs CUDA; use train.dist_backend=gloo on the CPU")
+    if device.type == "cuda" and ":" not in device_spec:
+        n = torch.cuda.device_count()
+        if local >= n and backend == "nccl":
+            raise RuntimeError(f"local rank {local} has no GPU of its own ({n} visible): start at most {n} "
+                               f"processes per node, or use train.dist_backend=gloo to share GPUs (tests only)")
+        device = torch.device(f"cuda:{local % n}")
     if device.type == "cuda":
-        device = torch.device(f"cuda:{local}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 

@@ -135,7 +135,7 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
     from ..models import build_model
 
     run_dir = Path(run_dir)
-    d = D.init(cfg.train.device)
+    d = D.init(cfg.train.device, cfg.train.get("dist_backend", "auto"))
     t, o = cfg.train, cfg.optim
     set_determinism(t.deterministic)
     seed_all(t.seed)
