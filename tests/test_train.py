@@ -125,6 +125,32 @@ def test_eval_suite_and_routing_npz(trained):
     assert (ev / "custom_k1.json").is_file()
     forced = run_eval(run, force_expert=3, device="cpu")
     assert forced["top1"] == pytest.approx(summary["forced"]["3"]["top1"])
+    # flip test-time augmentation: written beside the plain number; the custom setting reproduces it
+    tta = json.loads((ev / "test_tta_flip.json").read_text())
+    assert tta["tta"] == "flip" and summary["tta_flip"]["top1"] == pytest.approx(tta["top1"])
+    again = run_eval(run, tta="flip", device="cpu")
+    assert again["setting"] == "ttaflip" and again["top1"] == pytest.approx(tta["top1"])
+    with pytest.raises(ValueError, match="tta"):
+        run_eval(run, tta="crop", device="cpu")
+
+
+def test_evaluate_flip_tta_averages_mirror_logits():
+    """tta='flip' scores each image by the mean of its logits and its mirror's: a model that only sees the
+    left half of the image then uses both halves, which a direct computation confirms."""
+    from moecnn.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 5, (40,))
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]
+    plain = evaluate(model, loader, 5, torch.device("cpu"))
+    flip = evaluate(model, loader, 5, torch.device("cpu"), tta="flip")
+    with torch.no_grad():
+        avg = 0.5 * (model(x) + model(x.flip(-1)))
+        ref = torch.nn.functional.cross_entropy(avg, y).item()
+        ref1 = 100 * (avg.argmax(1) == y).float().mean().item()
+    assert flip["loss"] == pytest.approx(ref, rel=1e-5) and flip["top1"] == pytest.approx(ref1)
+    assert flip["loss"] != pytest.approx(plain["loss"], rel=1e-3)
 
 
 def test_load_run_and_collect_routing(trained):

@@ -61,13 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run: accuracy, k sweep, forced/disabled experts, routing dump",
                        description="Evaluate RUN_DIR on the test split. Without routing flags: the full suite "
-                       "(eval/test.json per class/superclass, k_sweep, forced, disabled, dense, summary.json, "
-                       "routing_test.npz). With flags: only that setting (eval/custom_<tag>.json).")
+                       "(eval/test.json per class/superclass, k_sweep, forced, disabled, dense, test_tta_flip "
+                       "when trained with flips, summary.json, routing_test.npz). With flags: only that setting "
+                       "(eval/custom_<tag>.json).")
     e.add_argument("run_dir")
     e.add_argument("--k", type=int, help="test-time number of active experts")
     e.add_argument("--force-expert", type=int, metavar="I", help="route every image to expert I alone")
     e.add_argument("--disable-experts", type=_split_ints, default=[], metavar="I,J", help="mask these experts")
     e.add_argument("--dense", action="store_true", help="equal weights 1/N over all (enabled) experts")
+    e.add_argument("--tta", default="none", choices=["none", "flip"],
+                   help="test-time augmentation: flip = mean logits of each image and its mirror")
     e.add_argument("--which", default="last", help="checkpoint: last (default), best or a file path")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -198,6 +201,8 @@ def cmd_eval(args) -> int:
 
         kw = dict(k=args.k, force_expert=args.force_expert, disable_experts=args.disable_experts,
                   dense=args.dense, which=args.which, device=args.device)
+        if args.tta != "none":
+            raise ValueError("--tta is for classification runs; detection eval has no test-time augmentation")
         params = inspect.signature(evaluate_detection).parameters
         accepts_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
         defaults = (None, False, [], "last", "auto")
@@ -210,7 +215,7 @@ def cmd_eval(args) -> int:
 
         res = run_eval(args.run_dir, k=args.k, force_expert=args.force_expert, disable=args.disable_experts,
                        dense=args.dense, which=args.which, split=args.split, device=args.device,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, tta=args.tta)
     print(json.dumps(res, indent=2, default=str))
     print(f"results written to {Path(args.run_dir) / 'eval'}", file=sys.stderr)
     return 0

@@ -7,9 +7,13 @@
 - ``forced.json``   each expert forced alone (one-hot gate)
 - ``disabled.json`` each expert disabled (masked; k capped at the enabled count)
 - ``dense.json``    equal weights 1/N over all experts
+- ``{split}_tta_flip.json`` default routing with flip test-time augmentation: logits averaged over each image
+  and its mirror image (only for runs trained with ``data.augment.flip``; reported beside, never instead of,
+  the plain number)
 - ``summary.json``  top-1/top-5 of every setting in one table
 - ``routing_{split}.npz`` per-image routing of the default model (see :func:`collect_routing`)
-With ``--k/--force-expert/--disable-experts/--dense`` only that one setting is evaluated (``custom_<tag>.json``).
+With ``--k/--force-expert/--disable-experts/--dense/--tta flip`` only that one setting is evaluated
+(``custom_<tag>.json``).
 """
 from __future__ import annotations
 
@@ -45,8 +49,13 @@ def evaluate(
     precision: str = "fp32",
     class_to_super: Optional[Sequence[int]] = None,
     details: bool = False,
+    tta: str = "none",
 ) -> Dict:
-    """Top-1/top-5 in percent and mean loss; with ``details`` also per-class / per-superclass top-1."""
+    """Top-1/top-5 in percent and mean loss; with ``details`` also per-class / per-superclass top-1.
+
+    ``tta="flip"``: the logits are the mean of the model's logits for each image and its horizontal mirror."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"tta must be none or flip, got '{tta}'")
     was = model.training
     model.eval()
     tot = torch.zeros(num_classes, device=device)
@@ -56,8 +65,9 @@ def evaluate(
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
-            out = model(x)
-        out = out.float()
+            out = model(x).float()
+            if tta == "flip":
+                out = 0.5 * (out + model(x.flip(-1)).float())
         loss += F.cross_entropy(out, y, reduction="sum")
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         ones = torch.ones_like(y, dtype=torch.float)
@@ -127,6 +137,7 @@ def run_eval(
     split: str = "test",
     device: str = "auto",
     batch_size: int = 512,
+    tta: str = "none",
 ) -> Dict:
     """Evaluate a classification run; see the module docstring for what is written. Returns the summary."""
     from ..data import make_loader
@@ -146,30 +157,37 @@ def run_eval(
     prec = cfg.train.precision
     c2s = bundle.class_to_super
 
-    def ev(**controls):
+    def ev(tta_mode: str = "none", **controls):
         with routing_override(model, **controls) if controls else contextlib.nullcontext():
-            return evaluate(model, loader, bundle.num_classes, dev, prec, c2s, details=True)
+            return evaluate(model, loader, bundle.num_classes, dev, prec, c2s, details=True, tta=tta_mode)
 
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = moe_layers(model)
     info = {"run": str(run_dir), "checkpoint": which, "split": split, "class_names": list(bundle.class_names),
             "superclass_names": list(bundle.superclass_names or [])}
-    custom = k is not None or force_expert is not None or bool(disable) or dense
-    if custom:
-        if not layers:
+    if tta not in ("none", "flip"):
+        raise ValueError(f"--tta must be none or flip, got '{tta}'")
+    routed = k is not None or force_expert is not None or bool(disable) or dense
+    if routed or tta != "none":
+        if routed and not layers:
             raise ValueError("routing controls (--k/--force-expert/--disable-experts/--dense) need an MoE model")
+        controls = dict(k=k, force=force_expert, dense=dense, disabled=list(disable)) if routed else {}
         try:
-            res = ev(k=k, force=force_expert, dense=dense, disabled=list(disable))
+            res = ev(tta, **controls)
         except ValueError as e:
             raise ValueError(f"bad routing control: {e}") from None
-        tag = _tag(k, force_expert, list(disable), dense)
+        tag = "_".join(t for t in (_tag(k, force_expert, list(disable), dense), "" if tta == "none" else f"tta{tta}") if t)
         save_json(out_dir / f"custom_{tag}.json", {**info, "controls": tag, **res})
         return {"setting": tag, "top1": res["top1"], "top5": res["top5"], "file": str(out_dir / f"custom_{tag}.json")}
 
     default = ev()
     save_json(out_dir / f"{split}.json", {**info, **default})
     summary = {"default": {"top1": default["top1"], "top5": default["top5"]}}
+    if cfg.data.get("augment", {}).get("flip", False):
+        flip = ev("flip")
+        save_json(out_dir / f"{split}_tta_flip.json", {**info, "tta": "flip", **flip})
+        summary["tta_flip"] = {"top1": flip["top1"], "top5": flip["top5"]}
     if layers:
         n = next(iter(layers.values())).num_experts
         k_train = next(iter(layers.values())).k
