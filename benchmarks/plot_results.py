@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -113,8 +114,8 @@ def curves(pairs, out: Path) -> None:
         a1.plot(ep, val, color=f"C{i}", label=label)
         a2.plot(secs, val, color=f"C{i}", label=label)
         final = json.loads((run / "final.json").read_text())
-        times = sorted(m["time_s"] for m in ms)
-        print(f"| {label} | {len(ms)} | {final['test']['top1']:.2f} | {secs[-1]:.1f} | {times[len(times) // 2]:.3f} |")
+        print(f"| {label} | {len(ms)} | {final['test']['top1']:.2f} | {secs[-1]:.1f} | "
+              f"{statistics.median(m['time_s'] for m in ms):.3f} |")
     a1.set_xlabel("epoch")
     a2.set_xlabel("training seconds (one H200, run alone)")
     a1.set_ylabel("CIFAR-100 val top-1 (%)")
