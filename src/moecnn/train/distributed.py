@@ -53,13 +53,12 @@ def init(device_spec: str = "auto", backend: str = "auto") -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError("train.dist_backend=nccl needs CUDA; use train.dist_backend=gloo on the CPU")
-    if device.type == "cuda" and ":" not in device_spec:
+    if device.type == "cuda":  # under torchrun each rank takes cuda:LOCAL_RANK (cuda:N in the config is ignored)
         n = torch.cuda.device_count()
         if local >= n and backend == "nccl":
             raise RuntimeError(f"local rank {local} has no GPU of its own ({n} visible): start at most {n} "
                                f"processes per node, or use train.dist_backend=gloo to share GPUs (tests only)")
         device = torch.device(f"cuda:{local % n}")
-    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
