@@ -14,6 +14,7 @@ the GPU alone), and a table of final test top-1, training seconds and median epo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -107,10 +108,7 @@ def curves(pairs, out: Path) -> None:
         ms = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         ep = [m["epoch"] + 1 for m in ms]
         val = [m["val"]["top1"] for m in ms]
-        secs, acc = [], 0.0
-        for m in ms:
-            acc += m["time_s"]
-            secs.append(acc)
+        secs = list(itertools.accumulate(m["time_s"] for m in ms))
         a1.plot(ep, val, color=f"C{i}", label=label)
         a2.plot(secs, val, color=f"C{i}", label=label)
         final = json.loads((run / "final.json").read_text())

@@ -135,8 +135,8 @@ def test_eval_suite_and_routing_npz(trained):
 
 
 def test_evaluate_flip_tta_averages_mirror_logits():
-    """tta='flip' scores each image by the mean of its logits and its mirror's: a model that only sees the
-    left half of the image then uses both halves, which a direct computation confirms."""
+    """tta='flip' scores each image by the mean of its logits and its mirror's, as a direct computation on a
+    model that is not mirror-symmetric confirms (and the plain evaluation differs)."""
     from moecnn.train.evaluate import evaluate
 
     torch.manual_seed(0)

@@ -35,6 +35,14 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return contextlib.nullcontext()
 
 
+TTA_MODES = ("none", "flip")
+
+
+def _check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got '{tta}'")
+
+
 def _pct(num: torch.Tensor, den: torch.Tensor) -> list:
     acc = (100.0 * num / den.clamp_min(1)).tolist()
     return [a if d > 0 else None for a, d in zip(acc, den.tolist())]
@@ -54,8 +62,7 @@ def evaluate(
     """Top-1/top-5 in percent and mean loss; with ``details`` also per-class / per-superclass top-1.
 
     ``tta="flip"``: the logits are the mean of the model's logits for each image and its horizontal mirror."""
-    if tta not in ("none", "flip"):
-        raise ValueError(f"tta must be none or flip, got '{tta}'")
+    _check_tta(tta)
     was = model.training
     model.eval()
     tot = torch.zeros(num_classes, device=device)
@@ -121,9 +128,10 @@ def collect_routing(model: nn.Module, loader, device: Optional[torch.device] = N
     return res
 
 
-def _tag(k, force, disabled, dense) -> str:
+def _tag(k, force, disabled, dense, tta="none") -> str:
     parts = ([f"k{k}"] if k is not None else []) + ([f"force{force}"] if force is not None else [])
     parts += ([f"disable{'-'.join(map(str, disabled))}"] if disabled else []) + (["dense"] if dense else [])
+    parts += [f"tta{tta}"] if tta != "none" else []
     return "_".join(parts)
 
 
@@ -144,6 +152,7 @@ def run_eval(
     from .distributed import pick_device
     from .runs import load_run, save_json
 
+    _check_tta(tta)
     run_dir = Path(run_dir)
     dev = pick_device(device)
     model, cfg, bundle = load_run(run_dir, which=which, device=dev)
@@ -166,8 +175,6 @@ def run_eval(
     layers = moe_layers(model)
     info = {"run": str(run_dir), "checkpoint": which, "split": split, "class_names": list(bundle.class_names),
             "superclass_names": list(bundle.superclass_names or [])}
-    if tta not in ("none", "flip"):
-        raise ValueError(f"--tta must be none or flip, got '{tta}'")
     routed = k is not None or force_expert is not None or bool(disable) or dense
     if routed or tta != "none":
         if routed and not layers:
@@ -177,7 +184,7 @@ def run_eval(
             res = ev(tta, **controls)
         except ValueError as e:
             raise ValueError(f"bad routing control: {e}") from None
-        tag = "_".join(t for t in (_tag(k, force_expert, list(disable), dense), "" if tta == "none" else f"tta{tta}") if t)
+        tag = _tag(k, force_expert, list(disable), dense, tta)
         save_json(out_dir / f"custom_{tag}.json", {**info, "controls": tag, **res})
         return {"setting": tag, "top1": res["top1"], "top5": res["top5"], "file": str(out_dir / f"custom_{tag}.json")}
 
