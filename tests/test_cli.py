@@ -79,6 +79,7 @@ def test_config_errors_are_one_line(capsys, tmp_path):
     one_error(capsys, ["train", *out, "optim.lr=abc"], "optim.lr expects float, got 'abc'")
     one_error(capsys, ["train", *out, "train.epochs=1.5"], "train.epochs expects int")
     one_error(capsys, ["train", *out, "model.k=5"], "model.k=5 must be between 1 and model.num_experts=4")
+    one_error(capsys, ["train", *out, "data.augment.cutout=-8"], "data.augment.cutout must be >= 0 (0 = off), got -8")
     one_error(capsys, ["train", *out, "nokey"], "must look like key=value")
     one_error(capsys, ["train", *out, "foo=1"], "unknown config key 'foo'")
     one_error(capsys, ["train", "--config", str(tmp_path / "missing.yaml"), *out], "not found")

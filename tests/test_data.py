@@ -20,6 +20,7 @@ from moecnn.data import (
     TorchLoader,
     build_data,
     color_jitter,
+    cutout,
     make_loader,
     make_synthetic,
     random_crop,
@@ -314,6 +315,52 @@ def test_color_jitter():
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.allclose(x, y)
     grey = torch.rand(4, 1, 6, 6)
     assert color_jitter(grey.clone(), 0.3, torch.Generator().manual_seed(0)).shape == grey.shape
+
+
+def _square(size: int, cy: int, cx: int, h: int, w: int) -> torch.Tensor:
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[max(0, cy - size // 2):max(0, cy - size // 2 + size), max(0, cx - size // 2):max(0, cx - size // 2 + size)] = True
+    return m
+
+
+def test_cutout_zeroes_one_clipped_square_per_image():
+    x = torch.rand(4, 3, 9, 9) + 1
+    centres = torch.tensor([[4, 0, 8, 1], [4, 0, 2, 8]])  # (row, col): middle, corner, bottom edge, right edge
+    out = cutout(x.clone(), 4, centres=centres)
+    for i in range(4):
+        square = _square(4, int(centres[0, i]), int(centres[1, i]), 9, 9)
+        assert torch.equal((out[i] == 0), square.expand(3, 9, 9))  # zero exactly on the square, all channels
+        assert torch.equal(out[i][:, ~square], x[i][:, ~square])  # untouched elsewhere
+    assert [int(_square(4, int(centres[0, i]), int(centres[1, i]), 9, 9).sum()) for i in range(4)] == [16, 4, 12, 9]
+    assert torch.equal(cutout(x.clone(), 0, torch.Generator()), x)
+    drawn = cutout(x.clone(), 3, torch.Generator().manual_seed(0))
+    assert ((drawn == 0).sum((1, 2, 3)) > 0).all() and ((drawn == 0).sum((1, 2, 3)) <= 27).all()
+
+
+@pytest.mark.parametrize("gpu_resident", [True, False])
+def test_loaders_apply_cutout_after_the_same_crops(gpu_resident):
+    """With the same seed, a loader with cutout yields the flipped images of one without, each with one
+    zeroed square (at most size x size pixels, the same on every channel) and nothing else changed."""
+    imgs = torch.randint(1, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    ds = ArrayDataset(imgs, torch.arange(40))
+    kw = dict(train=True, device="cpu", mean=(0, 0, 0), std=(1, 1, 1), gpu_resident=gpu_resident, num_workers=0)
+    plain = list(make_loader(ds, 8, augment=AugmentConfig(crop_padding=0, flip=True), **kw))
+    cut = list(make_loader(ds, 8, augment=AugmentConfig(crop_padding=0, flip=True, cutout=3), **kw))
+    assert len(plain) == len(cut) == 5
+    sizes = []
+    for (xp, yp), (xc, yc) in zip(plain, cut):
+        assert torch.equal(yp, yc)
+        erased = (xc == 0) & (xp != 0)
+        assert torch.equal(erased[:, 0:1].expand_as(erased), erased)  # same square on every channel
+        assert torch.equal(xc[~erased], xp[~erased])
+        for e in erased[:, 0]:
+            rows, cols = e.any(1).nonzero().flatten(), e.any(0).nonzero().flatten()
+            assert len(rows) and len(cols) and len(rows) <= 3 and len(cols) <= 3
+            assert e[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a filled rectangle
+            sizes.append(int(e.sum()))
+    assert 9 in sizes and min(sizes) < 9  # full squares inside, clipped ones at the border
+    ev = make_loader(ds, 8, train=False, augment=AugmentConfig(cutout=3), **{k: v for k, v in kw.items() if k != "train"})
+    assert all((x != 0).all() for x, _ in ev)  # evaluation never erases
 
 
 # ----------------------------------------------------------------------------------------- synthetic

@@ -12,6 +12,8 @@ class AugmentConfig:
     crop_padding: int = 4  # random crop of the original size from a zero-padded image (0 = off)
     flip: bool = True  # random horizontal flip with p = 0.5
     color_jitter: float = 0.0  # like torchvision ColorJitter(s, s, s) (paper: 0.3); 0 = off
+    cutout: int = 0  # side of one square set to 0 after normalisation (the mean colour), centre uniform over the
+    # image, clipped at the border (DeVries & Taylor 2017, arXiv 1708.04552; they use 8 on CIFAR-100); 0 = off
 
 
 @dataclass

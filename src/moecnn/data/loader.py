@@ -113,6 +113,24 @@ def jitter_factors(n: int, strength: float, generator: Optional[torch.Generator]
     return torch.empty(3, n, device=device).uniform_(lo, hi, generator=generator)
 
 
+def cutout(x: torch.Tensor, size: int, generator: Optional[torch.Generator] = None,
+           centres: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Set one ``size`` x ``size`` square per image to 0 (in place; ``x`` is the normalised float batch, so 0 is
+    the dataset mean). Centres (2 x N, row/column) are uniform over the image, drawn from ``generator`` unless
+    given; the square is clipped at the border (Cutout, DeVries & Taylor 2017)."""
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    if centres is None:
+        centres = torch.stack([torch.randint(0, h, (n,), generator=generator, device=x.device),
+                               torch.randint(0, w, (n,), generator=generator, device=x.device)])
+    top, left = (centres - size // 2).unbind(0)
+    rows = torch.arange(h, device=x.device) - top.view(n, 1)  # position inside the square when in [0, size)
+    cols = torch.arange(w, device=x.device) - left.view(n, 1)
+    inside = ((rows >= 0) & (rows < size)).view(n, 1, h, 1) & ((cols >= 0) & (cols < size)).view(n, 1, 1, w)
+    return x.masked_fill_(inside, 0.0)
+
+
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (0-255) or float ([0, 1]) batch -> float32 ``(x - mean) / std`` with 1 x C x 1 x 1 mean/std."""
     scale = 1 / (std * 255) if x.dtype == torch.uint8 else 1 / std
@@ -121,7 +139,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 def augment_batch(x: torch.Tensor, augment: Optional[AugmentConfig], generator: torch.Generator,
                   mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Reference batch augmentation: uint8 batch -> crop, flip, jitter, normalise (float32, x's device).
+    """Reference batch augmentation: uint8 batch -> crop, flip, jitter, normalise, cutout (float32, x's device).
 
     :class:`GPULoader` does the same with precomputed per-epoch random draws (fewer kernel launches).
     """
@@ -131,7 +149,10 @@ def augment_batch(x: torch.Tensor, augment: Optional[AugmentConfig], generator: 
             x = random_flip(x, generator)
         if augment.color_jitter > 0:
             x = color_jitter(x.float() / 255, augment.color_jitter, generator)
-    return normalize(x, mean, std)
+    x = normalize(x, mean, std)
+    if augment is not None and augment.cutout > 0:
+        x = cutout(x, augment.cutout, generator)
+    return x
 
 
 def _stats(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +199,7 @@ class GPULoader:
         self.pad = self.augment.crop_padding if self.augment is not None else 0
         self.flip = bool(self.augment is not None and self.augment.flip)
         self.jitter = float(self.augment.color_jitter) if self.augment is not None else 0.0
+        self.cutout = int(self.augment.cutout) if self.augment is not None else 0
         self.grid: Optional[torch.Tensor] = None
         if self.pad > 0 or self.flip:  # keep the set zero-padded on the device; crops are single gathers
             p = self.pad
@@ -220,6 +242,10 @@ class GPULoader:
             starts = crop_starts(self.images.shape, idx, top_left[0], top_left[1])
         if self.jitter > 0:
             factors = jitter_factors(m, self.jitter, gen, dev)
+        if self.cutout > 0:
+            h, w = self.dataset.images.shape[-2:]
+            centres = torch.stack([torch.randint(0, h, (m,), generator=gen, device=dev),
+                                   torch.randint(0, w, (m,), generator=gen, device=dev)])
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             i = idx[sl]
@@ -230,6 +256,8 @@ class GPULoader:
             if self.jitter > 0:
                 x = color_jitter(x.float() / 255, self.jitter, factors=factors[:, sl])
             x = normalize(x, self.mean, self.std)
+            if self.cutout > 0:
+                x = cutout(x, self.cutout, centres=centres[:, sl])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[i]
@@ -256,7 +284,8 @@ class _Augmented(Dataset):
 
 
 def torchvision_transform(augment: Optional[AugmentConfig], image_size: Tuple[int, int]):
-    """The torchvision (v2) equivalent of :func:`augment_batch` minus normalisation (uint8 in, uint8 out)."""
+    """The torchvision (v2) equivalent of :func:`augment_batch` minus normalisation and cutout (uint8 in, uint8
+    out; :class:`TorchLoader` applies cutout batch-wise after normalisation)."""
     from torchvision.transforms import v2
 
     if augment is None:
@@ -290,6 +319,7 @@ class TorchLoader:
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.num_workers, self.channels_last = int(num_workers), channels_last
         self.mean, self.std = _stats(mean, std, self.device)
+        self.cutout = int(augment.cutout) if self.train and augment is not None else 0
         transform = None
         if self.train and augment is not None and len(dataset) > 0:  # type: ignore[arg-type]
             first = torch.as_tensor(dataset[0][0])
@@ -328,8 +358,14 @@ class TorchLoader:
                           generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1)))
 
     def __iter__(self) -> Iterator[Batch]:
+        gen = None
+        if self.cutout > 0:  # batch-wise on the device after normalisation, as in GPULoader
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, 2))
         for x, y in self._loader():
             x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+            if gen is not None:
+                x = cutout(x, self.cutout, gen)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)

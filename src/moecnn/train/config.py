@@ -232,3 +232,7 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if o.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {o.lr}")
+    aug = cfg.data.augment
+    for name in ("crop_padding", "cutout"):
+        if aug[name] < 0:
+            raise ValueError(f"data.augment.{name} must be >= 0 (0 = off), got {aug[name]}")
