@@ -66,6 +66,24 @@ def test_resume_matches_uninterrupted(trained, tmp_path):
     assert "resumes" in json.loads((part / "meta.json").read_text())
 
 
+def test_resume_after_the_last_epoch_only_runs_the_final_evaluation(trained, tmp_path, capsys):
+    """A run stopped after its last checkpoint but before final.json (e.g. killed by a time limit) resumes into
+    the final evaluation alone and reports what the uninterrupted run reported; a finished run refuses."""
+    import shutil
+
+    run, _ = trained
+    part = tmp_path / "cut"
+    shutil.copytree(run, part)
+    (part / "final.json").unlink()
+    metrics = (part / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(part)]) == 0
+    assert "all 2 epochs are done" in capsys.readouterr().out
+    assert json.loads((part / "final.json").read_text()) == json.loads((run / "final.json").read_text())
+    assert (part / "metrics.jsonl").read_text() == metrics  # no epoch redone or dropped
+    assert main(["train", "--resume", str(part)]) == 2
+    assert "already finished 2 of 2 epochs" in capsys.readouterr().err
+
+
 def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = loop.aux_loss
     calls = {"n": 0}

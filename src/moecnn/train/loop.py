@@ -202,7 +202,9 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             seed_all(t.seed * 1000 + start * 7919 + d.rank)
     elif d.rank > 0:
         seed_all(t.seed + 1000003 * d.rank)  # same init (DDP broadcasts rank 0's), different noise/augment
-    if start >= t.epochs:
+    # every epoch done but no final.json: the run was stopped during its final evaluation; only that is left
+    finishing = start >= t.epochs
+    if finishing and (run_dir / "final.json").exists():
         raise ValueError(f"run '{run_dir}' already finished {start} of {t.epochs} epochs; "
                          f"raise train.epochs to continue it")
 
@@ -240,6 +242,8 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
         progress.line(f"training {cfg.model.name} (moe={cfg.model.moe}, {nparams / 1e6:.2f} M params) on "
                       f"{bundle.name}: {len(bundle.train)} train / {len(bundle.val or [])} val images, "
                       f"{d.world_size} x {d.device}; run dir {run_dir}")
+    elif d.main and finishing:
+        progress.line(f"resuming {run_dir}: all {start} epochs are done, running the final evaluation")
     elif d.main:
         progress.line(f"resuming {run_dir} after epoch {start}")
 
@@ -335,6 +339,8 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             stopped_early = True
             break
 
+    if finishing and val_loader is not None:  # the last epoch's validation, as an uninterrupted run reports it
+        val = evaluate(raw, val_loader, bundle.num_classes, d.device, t.precision)
     if writer is not None:
         writer.close()
     if stopped_early:
