@@ -359,7 +359,8 @@ def test_loaders_apply_cutout_after_the_same_crops(gpu_resident):
             assert e[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a filled rectangle
             sizes.append(int(e.sum()))
     assert 9 in sizes and min(sizes) < 9  # full squares inside, clipped ones at the border
-    ev = make_loader(ds, 8, train=False, augment=AugmentConfig(cutout=3), **{k: v for k, v in kw.items() if k != "train"})
+    kw["train"] = False
+    ev = make_loader(ds, 8, augment=AugmentConfig(cutout=3), **kw)
     assert all((x != 0).all() for x, _ in ev)  # evaluation never erases
 
 

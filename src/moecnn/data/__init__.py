@@ -47,8 +47,8 @@ from .synthetic import make_synthetic
 __all__ = [
     "AugmentConfig", "DataConfig", "ArrayDataset", "DataBundle", "ImageFolderDataset", "build_data",
     "as_data_config", "make_loader", "GPULoader", "TorchLoader", "augment_batch", "random_crop", "random_flip",
-    "color_jitter", "crop_flip_gather", "crop_grid", "cutout", "jitter_factors", "normalize", "mix_seed", "make_synthetic",
-    "stratified_split", "compute_mean_std",
+    "color_jitter", "crop_flip_gather", "crop_grid", "cutout", "jitter_factors", "normalize", "mix_seed",
+    "make_synthetic", "stratified_split", "compute_mean_std",
     "read_idx", "read_cifar_pickles", "read_cifar_arrays", "load_cifar_split", "load_fashion_split",
     "class_to_super_from_labels", "default_root", "torchvision_transform",
 ]
