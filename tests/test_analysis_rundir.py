@@ -62,7 +62,7 @@ def test_run_dir_without_eval_uses_the_model(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_run_dir_with_eval_output(run_dir, tmp_path):
-    from moecnn.analysis import analyze, load_routing
+    from moecnn.analysis import analyze, load_routing, report
     from moecnn.train import run_eval
 
     d = tmp_path / "run"
@@ -72,6 +72,10 @@ def test_run_dir_with_eval_output(run_dir, tmp_path):
     assert s["sources"]["routing"].endswith("routing_test.npz") and "eval" in s["sources"]["routing"]
     ev = json.loads((d / "eval" / "k_sweep.json").read_text())["results"]
     assert s["accuracy"]["k_sweep"]["1"]["top1"] == pytest.approx(ev["1"]["top1"])
+    tta = json.loads((d / "eval" / "test_tta_flip.json").read_text())  # trained with flips: reported beside
+    assert s["accuracy"]["tta_flip"]["top1"] == pytest.approx(tta["top1"])
+    assert f"flip test-time augmentation (mean logits of each image and its mirror; beside, never instead of, " \
+           f"the number above): {tta['top1']:.2f} %" in report(d).read_text()
     assert "tsne_thumbnails" in s["per_layer"]["layer4.moe"]["figures"]  # images from the run's data
     # analyze's own routing (normalisation, eval mode) agrees with `moecnn eval`'s
     d2 = tmp_path / "own"

@@ -211,6 +211,10 @@ def _acc_section(run_dir: Path, acc: Dict, summary: Dict) -> str:
     d = acc.get("default") or {}
     if d.get("top1") is not None:
         h.append(f"<p>As trained: <b>{d['top1']:.2f} %</b></p>")
+    t = acc.get("tta_flip") or {}
+    if t.get("top1") is not None:
+        h.append(f"<p>With flip test-time augmentation (mean logits of each image and its mirror; beside, never "
+                 f"instead of, the number above): {t['top1']:.2f} %</p>")
     rows, cols = [], []
     for group, lab in (("k_sweep", "k="), ("forced", "forced E"), ("disabled", "removed E")):
         for key, r in (acc.get(group) or {}).items():

@@ -229,6 +229,10 @@ def read_eval_accuracy(run_dir: Path, split: str = "test") -> Optional[Dict]:
             out[name] = {k: r[k] for k in keep if k in r}
         else:
             out[name] = {s: {k: v[k] for k in keep if k in v} for s, v in r.items()}
+    tta = ev / f"{split}_tta_flip.json"  # flip test-time augmentation, reported beside the default
+    if tta.is_file():
+        t = json.loads(tta.read_text())
+        out["tta_flip"] = {k: t[k] for k in keep if k in t}
     return out
 
 
