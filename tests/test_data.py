@@ -339,13 +339,14 @@ def test_cutout_zeroes_one_clipped_square_per_image():
 
 @pytest.mark.parametrize("gpu_resident", [True, False])
 def test_loaders_apply_cutout_after_the_same_crops(gpu_resident):
-    """With the same seed, a loader with cutout yields the flipped images of one without, each with one
-    zeroed square (at most size x size pixels, the same on every channel) and nothing else changed."""
+    """With the same seed, a loader with cutout yields the crop/flip images of one without, each with one
+    square set to 0 after normalisation (the mean; at most size x size pixels, the same on every channel) and
+    nothing else changed. Mean 0.5: no pixel, padding included, is 0 before the erasing."""
     imgs = torch.randint(1, 256, (40, 3, 8, 8), dtype=torch.uint8)
     ds = ArrayDataset(imgs, torch.arange(40))
-    kw = dict(train=True, device="cpu", mean=(0, 0, 0), std=(1, 1, 1), gpu_resident=gpu_resident, num_workers=0)
-    plain = list(make_loader(ds, 8, augment=AugmentConfig(crop_padding=0, flip=True), **kw))
-    cut = list(make_loader(ds, 8, augment=AugmentConfig(crop_padding=0, flip=True, cutout=3), **kw))
+    kw = dict(train=True, device="cpu", mean=(0.5,) * 3, std=(1, 1, 1), gpu_resident=gpu_resident, num_workers=0)
+    plain = list(make_loader(ds, 8, augment=AugmentConfig(crop_padding=2), **kw))
+    cut = list(make_loader(ds, 8, augment=AugmentConfig(crop_padding=2, cutout=3), **kw))
     assert len(plain) == len(cut) == 5
     sizes = []
     for (xp, yp), (xc, yc) in zip(plain, cut):
@@ -362,6 +363,23 @@ def test_loaders_apply_cutout_after_the_same_crops(gpu_resident):
     kw["train"] = False
     ev = make_loader(ds, 8, augment=AugmentConfig(cutout=3), **kw)
     assert all((x != 0).all() for x, _ in ev)  # evaluation never erases
+    kw["train"] = True
+    with pytest.raises(ValueError, match="cutout=9 is larger than the 8x8 images: use at most 8"):
+        make_loader(ds, 8, augment=AugmentConfig(cutout=9), **kw)
+
+
+def test_reference_augment_batch_applies_cutout():
+    from moecnn.data import augment_batch
+
+    x = torch.randint(1, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.ones(1, 3, 1, 1)
+    plain = augment_batch(x, AugmentConfig(crop_padding=0, flip=False), torch.Generator().manual_seed(0), mean, std)
+    cut = augment_batch(x, AugmentConfig(crop_padding=0, flip=False, cutout=4), torch.Generator().manual_seed(0),
+                        mean, std)
+    erased = (cut == 0).all(1)  # N x H x W, every channel
+    assert torch.equal(cut == 0, erased.unsqueeze(1).expand_as(cut)) and (plain != 0).all()
+    assert ((erased.sum((1, 2)) >= 4) & (erased.sum((1, 2)) <= 16)).all()  # a clipped 4 x 4 square, at least 2 x 2
+    assert torch.equal(cut[~(cut == 0)], plain[~(cut == 0)])
 
 
 # ----------------------------------------------------------------------------------------- synthetic

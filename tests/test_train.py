@@ -82,6 +82,40 @@ def test_resume_after_the_last_epoch_only_runs_the_final_evaluation(trained, tmp
     assert (part / "metrics.jsonl").read_text() == metrics  # no epoch redone or dropped
     assert main(["train", "--resume", str(part)]) == 2
     assert "already finished 2 of 2 epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(part), "train.epochs=1"]) == 2  # fewer epochs than trained: refused
+    assert "already finished 2 of 1 epochs" in capsys.readouterr().err
+    (part / "final.json").unlink()
+    assert main(["train", "--resume", str(part), "train.epochs=1"]) == 2  # also without final.json
+    import yaml
+
+    assert yaml.safe_load((part / "config.yaml").read_text())["train"]["epochs"] == 2  # the refusal changed nothing
+
+
+def test_extending_a_finished_run_keeps_its_result_and_can_finish_after_a_cut(trained, tmp_path, monkeypatch):
+    """--resume train.epochs=N+1 on a finished N-epoch run moves the old final.json aside; if the extension is
+    cut after its last checkpoint, the next --resume runs only the final evaluation (the stale result of the
+    shorter run does not block it)."""
+    import shutil
+
+    run, _ = trained
+    part = tmp_path / "ext"
+    shutil.copytree(run, part)
+    old = json.loads((part / "final.json").read_text())
+    real = loop.save_json
+
+    def cut(path, obj):  # the extension is killed while writing its final.json
+        if path.name == "final.json":
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(loop, "save_json", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("train.deterministic=true", "train.epochs=3"), part, resume=True)
+    assert json.loads((part / "final_2_epochs.json").read_text()) == old and not (part / "final.json").exists()
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    monkeypatch.setattr(loop, "save_json", real)
+    final = train(cfg("train.deterministic=true", "train.epochs=3"), part, resume=True)
+    assert final["epoch"] == 2 and json.loads((part / "final.json").read_text())["epoch"] == 2
 
 
 def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

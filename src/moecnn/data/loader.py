@@ -131,6 +131,13 @@ def cutout(x: torch.Tensor, size: int, generator: Optional[torch.Generator] = No
     return x.masked_fill_(inside, 0.0)
 
 
+def _check_cutout(size: int, hw: Sequence[int]) -> int:
+    if size > min(hw):
+        raise ValueError(f"data.augment.cutout={size} is larger than the {hw[0]}x{hw[1]} images: use at most "
+                         f"{min(hw)} (8 is the usual value for 32x32 CIFAR), or 0 for off")
+    return int(size)
+
+
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (0-255) or float ([0, 1]) batch -> float32 ``(x - mean) / std`` with 1 x C x 1 x 1 mean/std."""
     scale = 1 / (std * 255) if x.dtype == torch.uint8 else 1 / std
@@ -199,7 +206,7 @@ class GPULoader:
         self.pad = self.augment.crop_padding if self.augment is not None else 0
         self.flip = bool(self.augment is not None and self.augment.flip)
         self.jitter = float(self.augment.color_jitter) if self.augment is not None else 0.0
-        self.cutout = int(self.augment.cutout) if self.augment is not None else 0
+        self.cutout = _check_cutout(self.augment.cutout, dataset.images.shape[-2:]) if self.augment is not None else 0
         self.grid: Optional[torch.Tensor] = None
         if self.pad > 0 or self.flip:  # keep the set zero-padded on the device; crops are single gathers
             p = self.pad
@@ -319,11 +326,12 @@ class TorchLoader:
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.num_workers, self.channels_last = int(num_workers), channels_last
         self.mean, self.std = _stats(mean, std, self.device)
-        self.cutout = int(augment.cutout) if self.train and augment is not None else 0
+        self.cutout = 0
         transform = None
         if self.train and augment is not None and len(dataset) > 0:  # type: ignore[arg-type]
             first = torch.as_tensor(dataset[0][0])
             transform = torchvision_transform(augment, tuple(first.shape[-2:]))
+            self.cutout = _check_cutout(augment.cutout, first.shape[-2:])
         self.dataset = dataset
         self.data = _Augmented(dataset, transform, self.seed)
         self.sampler: Optional[DistributedSampler] = None

@@ -202,11 +202,16 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             seed_all(t.seed * 1000 + start * 7919 + d.rank)
     elif d.rank > 0:
         seed_all(t.seed + 1000003 * d.rank)  # same init (DDP broadcasts rank 0's), different noise/augment
-    # every epoch done but no final.json: the run was stopped during its final evaluation; only that is left
-    finishing = start >= t.epochs
-    if finishing and (run_dir / "final.json").exists():
+    # every epoch done but no final.json of this length: the run was stopped during its final evaluation, and
+    # only that is left (rank 0 reads the run directory and decides for all ranks)
+    finishing = start == t.epochs
+    done = D.broadcast_object(_final_epochs(run_dir) == start if d.main and finishing else None)
+    if start > t.epochs or done:
         raise ValueError(f"run '{run_dir}' already finished {start} of {t.epochs} epochs; "
                          f"raise train.epochs to continue it")
+    if d.main and resume and not finishing and (run_dir / "final.json").exists():  # a shorter run's result:
+        old = _final_epochs(run_dir)  # keep it under its length, the new one is written at the end
+        (run_dir / "final.json").replace(run_dir / f"final_{old if old is not None else 'old'}_epochs.json")
 
     model = raw
     if d.enabled:
@@ -360,6 +365,14 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
         progress.line(f"{msg} (last epoch); val top-1 {_fmt(val and val['top1'])}. "
                       f"Results: {run_dir / 'final.json'}, per-epoch metrics: {run_dir / 'metrics.jsonl'}")
     return D.broadcast_object(final), raw
+
+
+def _final_epochs(run_dir: Path) -> Optional[int]:
+    """Number of epochs behind RUN_DIR/final.json (None when it is absent or unreadable)."""
+    try:
+        return int(json.loads((run_dir / "final.json").read_text())["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def routing_health(stats: Dict[str, Dict], streak: Dict[str, int], patience: int) -> list:
