@@ -186,6 +186,26 @@ def test_eval_suite_and_routing_npz(trained):
         run_eval(run, tta="crop", device="cpu")
 
 
+def test_val_split_eval_never_overwrites_the_test_suite(trained, tmp_path):
+    import shutil
+
+    from moecnn.analysis.run import read_eval_accuracy
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run, ignore=shutil.ignore_patterns("eval"))
+    test = run_eval(run, device="cpu")
+    val = run_eval(run, device="cpu", split="val")
+    ev = run / "eval"
+    for name in ("k_sweep", "forced", "disabled", "dense", "summary"):
+        assert json.loads((ev / f"{name}.json").read_text())["split"] == "test"
+        assert json.loads((ev / f"val_{name}.json").read_text())["split"] == "val"
+    assert (ev / "test.json").is_file() and (ev / "val.json").is_file()
+    assert read_eval_accuracy(run, "test")["k_sweep"]["1"]["top1"] == pytest.approx(test["k_sweep"]["1"]["top1"])
+    assert read_eval_accuracy(run, "val")["k_sweep"]["1"]["top1"] == pytest.approx(val["k_sweep"]["1"]["top1"])
+    one = run_eval(run, k=1, device="cpu", split="val")
+    assert one["file"].endswith("val_custom_k1.json") and one["top1"] == pytest.approx(val["k_sweep"]["1"]["top1"])
+
+
 def test_evaluate_flip_tta_averages_mirror_logits():
     """tta='flip' scores each image by the mean of its logits and its mirror's, as a direct computation on a
     model that is not mirror-symmetric confirms (and the plain evaluation differs)."""

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate RUN_DIR on the test split. Without routing flags: the full suite "
                        "(eval/test.json per class/superclass, k_sweep, forced, disabled, dense, test_tta_flip "
                        "when trained with flips, summary.json, routing_test.npz). With flags: only that setting "
-                       "(eval/custom_<tag>.json).")
+                       "(eval/custom_<tag>.json). --split val writes eval/val.json, val_k_sweep.json, … beside them.")
     e.add_argument("run_dir")
     e.add_argument("--k", type=int, help="test-time number of active experts")
     e.add_argument("--force-expert", type=int, metavar="I", help="route every image to expert I alone")

@@ -13,7 +13,8 @@
 - ``summary.json``  top-1/top-5 of every setting in one table
 - ``routing_{split}.npz`` per-image routing of the default model (see :func:`collect_routing`)
 With ``--k/--force-expert/--disable-experts/--dense/--tta flip`` only that one setting is evaluated
-(``custom_<tag>.json``).
+(``custom_<tag>.json``). The names above are the test split's; ``--split val`` writes ``val_k_sweep.json``,
+``val_summary.json``, ``val_custom_<tag>.json`` … beside them, so the two splits never overwrite each other.
 """
 from __future__ import annotations
 
@@ -171,6 +172,7 @@ def run_eval(
             return evaluate(model, loader, bundle.num_classes, dev, prec, c2s, details=True, tta=tta_mode)
 
     out_dir = run_dir / "eval"
+    prefix = "" if split == "test" else f"{split}_"  # the test split keeps the plain names
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = moe_layers(model)
     info = {"run": str(run_dir), "checkpoint": which, "split": split, "class_names": list(bundle.class_names),
@@ -185,8 +187,9 @@ def run_eval(
         except ValueError as e:
             raise ValueError(f"bad routing control: {e}") from None
         tag = _tag(k, force_expert, list(disable), dense, tta)
-        save_json(out_dir / f"custom_{tag}.json", {**info, "controls": tag, **res})
-        return {"setting": tag, "top1": res["top1"], "top5": res["top5"], "file": str(out_dir / f"custom_{tag}.json")}
+        f = out_dir / f"{prefix}custom_{tag}.json"
+        save_json(f, {**info, "controls": tag, **res})
+        return {"setting": tag, "top1": res["top1"], "top5": res["top5"], "file": str(f)}
 
     default = ev()
     save_json(out_dir / f"{split}.json", {**info, **default})
@@ -205,7 +208,7 @@ def run_eval(
             "dense": ev(dense=True),
         }
         for name, res in suites.items():
-            save_json(out_dir / f"{name}.json", {**info, "results": res})
+            save_json(out_dir / f"{prefix}{name}.json", {**info, "results": res})
             summary[name] = ({"top1": res["top1"], "top5": res["top5"]} if name == "dense"
                              else {s: {"top1": r["top1"], "top5": r["top5"]} for s, r in res.items()})
         rt = collect_routing(model, loader, dev, prec)
@@ -215,5 +218,5 @@ def run_eval(
         if bundle.superclass_names:
             rt["superclass_names"] = np.array(list(bundle.superclass_names), dtype=str)
         np.savez_compressed(out_dir / f"routing_{split}.npz", **rt)
-    save_json(out_dir / "summary.json", {**info, **summary})
+    save_json(out_dir / f"{prefix}summary.json", {**info, **summary})
     return summary
