@@ -111,6 +111,18 @@ def test_train_prints_where_results_are(run_dir, capsys, tmp_path):
     one_error(capsys, ["train", "--resume", str(run_dir)], "already finished")
 
 
+def test_table_of_a_trained_run(run_dir, capsys):
+    """`moecnn table` on a real run: the test top-1 is final.json's, the epochs and time are metrics.jsonl's."""
+    import json
+
+    final = json.loads((run_dir / "final.json").read_text())
+    times = [json.loads(x)["time_s"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert main(["table", str(run_dir), "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["run"] == "run" and row["epochs"] == f"{len(times)}/{len(times)}"
+    assert row["test_top1"] == pytest.approx(final["test"]["top1"]) and row["train_s"] == pytest.approx(sum(times))
+
+
 def test_eval_errors(run_dir, capsys, tmp_path):
     one_error(capsys, ["eval", str(run_dir), "--k", "7", "--device", "cpu"], "k must satisfy")
     one_error(capsys, ["eval", str(run_dir), "--force-expert", "9", "--device", "cpu"], "cannot force expert 9")

@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         s = dsub.add_parser("shapes", help="(unavailable) synthetic shapes detection dataset")
         s.set_defaults(unavailable=f"'moecnn data shapes' is not available in this install ({err})")
 
+    tb = sub.add_parser("table", help="finished runs side by side: accuracy, k sweep, flip-TTA, NMI, time",
+                        description="One row per run directory (or per folder of runs, e.g. a --seeds output), "
+                        "read from its files: test top-1 (eval/test.json, else final.json), k sweep, flip-TTA, "
+                        "NMI superclass and null max (moecnn analyze), training seconds (sum of epoch times), "
+                        "median epoch, images/s, first epoch. --group merges runs that differ only in train.seed "
+                        "into mean ± std.")
+    tb.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    tb.add_argument("--group", action="store_true", help="one row per config, mean ± std over seeds")
+    tb.add_argument("--format", default="md", choices=["md", "csv", "json"])
+    tb.add_argument("--out", help="also write the table to this file")
+
     sub.add_parser("info", help="versions, devices and registered models/gates/losses/constraints")
     return p
 
@@ -270,8 +281,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from .train.table import table
+
+    text = table([Path(p) for p in args.runs], group=args.group, fmt=args.format)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analyze": cmd_delegated,
-            "report": cmd_delegated, "data": cmd_delegated, "info": cmd_info}
+            "report": cmd_delegated, "data": cmd_delegated, "table": cmd_table, "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
