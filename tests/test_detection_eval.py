@@ -144,3 +144,18 @@ def test_cli_analyze_and_report_on_detection_run(tiny_run):
     assert cli.main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
     assert "expert" in html.lower() and "data:image/png;base64," in html
+
+
+def test_table_on_a_detection_run(tiny_run, capsys):
+    """`moecnn table` reads a detection run: val AP from final.json, times from train_time_s."""
+    from moecnn import cli
+
+    run, _, _ = tiny_run
+    final = json.loads((run / "final.json").read_text())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert cli.main(["table", str(run), "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["val_ap"] == pytest.approx(final["AP"]) and row["test_top1"] is None
+    assert row["train_s"] == pytest.approx(sum(r["train_time_s"] for r in rows))
+    assert cli.main(["table", str(run)]) == 0
+    assert "| val AP |" in capsys.readouterr().out

@@ -22,7 +22,8 @@ def _run(root, name, seed, top1, times, *, k_sweep=None, tta=None, nmi=None, fin
     if not final_only:
         (d / "eval" / "test.json").write_text(json.dumps({"top1": top1}))
     if k_sweep:
-        (d / "eval" / "k_sweep.json").write_text(json.dumps({"results": {str(k): {"top1": v} for k, v in k_sweep.items()}}))
+        results = {str(k): {"top1": v} for k, v in k_sweep.items()}
+        (d / "eval" / "k_sweep.json").write_text(json.dumps({"results": results}))
     if tta is not None:
         (d / "eval" / "test_tta_flip.json").write_text(json.dumps({"top1": tta}))
     if nmi is not None:

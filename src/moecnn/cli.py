@@ -1,4 +1,4 @@
-"""The ``moecnn`` command line: train, eval, presets, analyze, report, data, info.
+"""The ``moecnn`` command line: train, eval, presets, analyze, report, data, table, info.
 
 Library errors (ValueError / OSError incl. FileNotFoundError / RuntimeError / KeyError) are printed as one ``error: ...`` line on
 stderr with exit code 2; ``MOECNN_DEBUG=1`` shows the traceback instead.

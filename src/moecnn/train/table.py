@@ -5,8 +5,9 @@ run's ``final.json``), test top-1 at every test-time k (``eval/k_sweep.json``), 
 (``eval/test_tta_flip.json``), NMI between the top-1 expert and the superclass with its permutation-null
 maximum (``analysis/summary.json``, first MoE layer), and from ``metrics.jsonl``: training seconds (the sum
 of the epoch times, meaningful only for a run that had its device alone), the median epoch, the median
-images/s and the first epoch (which includes compilation). ``group=True`` merges runs whose resolved
-configs differ only in ``train.seed`` into one row of mean ± sample std.
+images/s and the first epoch (which includes compilation). Detection runs get a ``val AP`` column from their
+``final.json`` instead of the classification numbers. ``group=True`` merges runs whose resolved configs differ
+only in ``train.seed`` into one row of mean ± sample std.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import yaml
 
 COLUMNS = ["run", "epochs", "test_top1", "k_sweep", "tta_flip", "nmi_superclass", "nmi_null_max", "train_s",
            "median_epoch_s", "images_per_s", "first_epoch_s"]
-NUMERIC = ["test_top1", "tta_flip", "nmi_superclass", "train_s", "median_epoch_s", "images_per_s"]
+NUMERIC = ["test_top1", "tta_flip", "nmi_superclass", "train_s", "median_epoch_s", "images_per_s", "val_ap"]
 
 
 def _json(path: Path) -> Optional[Dict]:
@@ -49,27 +50,30 @@ def find_runs(paths: Sequence[Path]) -> List[Path]:
 def run_row(run: Path) -> Dict[str, Any]:
     """The numbers of one run (missing ones are None)."""
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    row: Dict[str, Any] = {c: None for c in COLUMNS}
+    row: Dict[str, Any] = {c: None for c in COLUMNS + ["val_ap"]}
     row["run"], row["config"] = run.name, cfg
     epochs = []
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                if "time_s" in rec:
-                    epochs.append(rec)
-    total = (cfg.get("train") or {}).get("epochs")
+                t = rec.get("time_s", rec.get("train_time_s"))  # classification / detection loop
+                if t is not None:
+                    epochs.append({"time_s": t, "images_per_s": rec.get("images_per_s")})
+    total = (cfg.get("train") or {}).get("epochs") or (cfg.get("optim") or {}).get("epochs")
     row["epochs"] = f"{len(epochs)}/{total}" if total else str(len(epochs))
     if epochs:
         times = [r["time_s"] for r in epochs]
         row["train_s"], row["median_epoch_s"] = sum(times), statistics.median(times)
         row["first_epoch_s"] = times[0]
-        row["images_per_s"] = statistics.median(r["images_per_s"] for r in epochs)
+        speeds = [r["images_per_s"] for r in epochs if r["images_per_s"] is not None]
+        row["images_per_s"] = statistics.median(speeds) if speeds else None
     ev, final = _json(run / "eval" / "test.json"), _json(run / "final.json")
     if ev is not None:
         row["test_top1"] = ev.get("top1")
     elif final is not None and final.get("test"):
         row["test_top1"] = final["test"].get("top1")
+    row["val_ap"] = final.get("AP") if final is not None and final.get("task") == "detection" else None
     ks = _json(run / "eval" / "k_sweep.json")
     if ks and ks.get("results"):
         row["k_sweep"] = {int(k): v["top1"] for k, v in ks["results"].items()}
@@ -96,7 +100,7 @@ def group_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         groups.setdefault(_config_key(r["config"]), []).append(r)
     out = []
     for members in groups.values():
-        g: Dict[str, Any] = {c: None for c in COLUMNS}
+        g: Dict[str, Any] = {c: None for c in COLUMNS + ["val_ap"]}
         g["run"] = " + ".join(m["run"] for m in members)
         g["epochs"] = members[0]["epochs"] if len({m["epochs"] for m in members}) == 1 else "mixed"
         for col in NUMERIC + ["nmi_null_max", "first_epoch_s", "median_epoch_s"]:
@@ -116,7 +120,9 @@ def _cell(v: Any, digits: int) -> str:
     if v is None:
         return "–"
     if isinstance(v, dict) and "mean" in v:
-        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f} (n={v['n']})" if v["n"] > 1 else _cell(v["mean"], digits)
+        if v["n"] == 1:
+            return _cell(v["mean"], digits)
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f} (n={v['n']})"
     if isinstance(v, dict):
         return " / ".join(f"{x:.2f}" for _, x in sorted(v.items()))
     if isinstance(v, float):
@@ -124,28 +130,29 @@ def _cell(v: Any, digits: int) -> str:
     return str(v)
 
 
-DIGITS = {"test_top1": 2, "tta_flip": 2, "nmi_superclass": 3, "nmi_null_max": 4, "train_s": 1,
+DIGITS = {"val_ap": 4, "test_top1": 2, "tta_flip": 2, "nmi_superclass": 3, "nmi_null_max": 4, "train_s": 1,
           "median_epoch_s": 3, "images_per_s": 0, "first_epoch_s": 1}
 HEADERS = {"run": "run", "epochs": "epochs", "test_top1": "test top-1 %", "k_sweep": "k = 1 / 2 / … %",
            "tta_flip": "flip-TTA %", "nmi_superclass": "NMI superclass", "nmi_null_max": "null max",
            "train_s": "training s", "median_epoch_s": "median epoch s", "images_per_s": "images/s",
-           "first_epoch_s": "first epoch s"}
+           "first_epoch_s": "first epoch s", "val_ap": "val AP"}
 
 
 def format_table(rows: List[Dict[str, Any]], fmt: str = "md") -> str:
     """Markdown (``md``), ``csv`` or ``json``."""
     if fmt == "json":
         return json.dumps([{k: v for k, v in r.items() if k != "config"} for r in rows], indent=1)
-    cells = [[_cell(r[c], DIGITS.get(c, 2)) for c in COLUMNS] for r in rows]
+    columns = COLUMNS + (["val_ap"] if any(r.get("val_ap") is not None for r in rows) else [])
+    cells = [[_cell(r.get(c), DIGITS.get(c, 2)) for c in columns] for r in rows]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(COLUMNS)
+        w.writerow(columns)
         w.writerows(cells)
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"unknown table format '{fmt}': use md, csv or json")
-    lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
 
