@@ -1,4 +1,4 @@
-"""The ``moecnn`` command line: train, eval, presets, analyze, report, data, table, info.
+"""The ``moecnn`` command line: train, eval, presets, analyze, report, compare, data, table, info.
 
 Library errors (ValueError / OSError incl. FileNotFoundError / RuntimeError / KeyError) are printed as one ``error: ...`` line on
 stderr with exit code 2; ``MOECNN_DEBUG=1`` shows the traceback instead.
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
         add_analysis_cli(sub)
     except ImportError as err:
-        for verb in ("analyze", "report"):
+        for verb in ("analyze", "report", "compare"):
             v = sub.add_parser(verb, help=f"(unavailable: {err})")
             v.add_argument("run_dir")
             v.set_defaults(unavailable=f"'moecnn {verb}' is not available in this install ({err})")
@@ -292,7 +292,8 @@ def cmd_table(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analyze": cmd_delegated,
-            "report": cmd_delegated, "data": cmd_delegated, "table": cmd_table, "info": cmd_info}
+            "report": cmd_delegated, "compare": cmd_delegated, "data": cmd_delegated, "table": cmd_table,
+            "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -727,6 +727,9 @@ def add_cli(subparsers) -> None:
         "when RUN_DIR/analysis/summary.json is missing; detection runs get the detection sections.")
     r.add_argument("run_dir")
     r.set_defaults(func=_cmd_report)
+    from .compare import add_compare_cli
+
+    add_compare_cli(subparsers)
 
 
 def _cmd_analyze(args) -> int:
