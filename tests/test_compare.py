@@ -59,6 +59,12 @@ def test_compare_runs_and_cli(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--n-perm", "10", "--out", str(out)]) == 0
     assert "expert 0 ↔ expert 1 (100 % / 100 %" in capsys.readouterr().out
     assert json.loads(out.read_text())["pairs"][0]["matched_agreement"] == 1.0
+    fig = tmp_path / "agree.png"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--n-perm", "5",
+                 "--figure", str(fig), "--labels", "A,B,C"]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--figure", str(fig), "--labels", "A"]) == 2
+    assert "--labels gives 1 names for 2 runs" in capsys.readouterr().err
     _routing(tmp_path / "d", top, rng.integers(0, 10, 500), sup)  # other images
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d")]) == 2
     assert "evaluated on other images" in capsys.readouterr().err

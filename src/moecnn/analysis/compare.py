@@ -160,6 +160,23 @@ def format_comparison(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def agreement_figure(res: Dict[str, Any], labels: Optional[Sequence[str]] = None) -> bytes:
+    """PNG: runs × runs matched agreement with the within-class null (see :func:`compare_runs`)."""
+    from .figures import agreement_matrix
+
+    runs = res["runs"]
+    idx = {r: i for i, r in enumerate(runs)}
+    agree, null = np.eye(len(runs)), np.full((len(runs), len(runs)), np.nan)
+    for p in res["pairs"]:
+        i, j = idx[p["a"]], idx[p["b"]]
+        agree[i, j] = agree[j, i] = p["matched_agreement"]
+        if p.get("agreement_within_class_null_mean") is not None:
+            null[i, j] = null[j, i] = p["agreement_within_class_null_mean"]
+    has_null = bool(np.isfinite(null).any())
+    return agreement_matrix(list(labels) if labels else [Path(r).name for r in runs], agree,
+                            null if has_null else None)
+
+
 def add_compare_cli(subparsers) -> None:
     c = subparsers.add_parser(
         "compare", help="do several runs carve the data into the same experts? (NMI, ARI, matched experts)",
@@ -171,6 +188,8 @@ def add_compare_cli(subparsers) -> None:
     c.add_argument("--layer", help="MoE layer name (default: the first)")
     c.add_argument("--n-perm", type=int, default=200, help="permutations for the NMI null (default 200)")
     c.add_argument("--out", help="also write the full result (JSON) to this file")
+    c.add_argument("--figure", help="also draw the runs x runs agreement matrix to this PNG file")
+    c.add_argument("--labels", help="comma-separated run labels for the figure (default: folder names)")
     c.set_defaults(func=_cmd_compare)
 
 
@@ -179,7 +198,13 @@ def _cmd_compare(args) -> int:
     print(format_comparison(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.figure:
+        labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+        if labels is not None and len(labels) != len(res["runs"]):
+            raise ValueError(f"--labels gives {len(labels)} names for {len(res['runs'])} runs")
+        Path(args.figure).write_bytes(agreement_figure(res, labels))
     return 0
 
 
-__all__: List[str] = ["compare_runs", "compare_pair", "format_comparison", "routing_of", "add_compare_cli"]
+__all__: List[str] = ["compare_runs", "compare_pair", "format_comparison", "routing_of", "agreement_figure",
+                      "add_compare_cli"]

@@ -150,3 +150,26 @@ def accuracy_bars(labels: Sequence[str], values: Sequence[float], title: str, re
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)
     return _png(fig)
+
+
+def agreement_matrix(names: Sequence[str], agreement: np.ndarray, null: Optional[np.ndarray] = None) -> bytes:
+    """Runs × runs heatmap of matched agreement (share of images sent to matched experts), in percent; with
+    ``null`` (same shape) each cell also shows the within-class null mean below the observed value."""
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.1 * n + 2.5, 0.9 * n + 1.5))
+    im = ax.imshow(100 * agreement, cmap="viridis", vmin=0, vmax=100)
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            text = f"{100 * agreement[i, j]:.0f}"
+            if null is not None:
+                text += f"\n({100 * null[i, j]:.0f})"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="black" if agreement[i, j] > 0.6 else "white")
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    fig.colorbar(im, ax=ax, label="matched agreement (%)")
+    ax.set_title("images sent to matched experts, % (within-class null)" if null is not None
+                 else "images sent to matched experts, %", fontsize=9)
+    return _png(fig)
