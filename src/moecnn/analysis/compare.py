@@ -26,15 +26,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import stats
-from .run import load_routing
+from .run import load_routing, routing_file
 
 
 def routing_of(run_dir: Path, split: str = "test") -> Dict[str, Any]:
     """The run's routing on ``split`` (``eval/`` from ``moecnn eval``, else ``analysis/`` from ``analyze``)."""
-    for sub in ("eval", "analysis"):
-        f = Path(run_dir) / sub / f"routing_{split}.npz"
-        if f.is_file():
-            return load_routing(f)
+    f = routing_file(run_dir, split)
+    if f is not None:
+        return load_routing(f)
     raise FileNotFoundError(f"no routing file in '{run_dir}' (eval/routing_{split}.npz): run "
                             f"'moecnn eval {run_dir}' first")
 
@@ -58,15 +57,11 @@ def _within_class_null(a: np.ndarray, b: np.ndarray, classes: np.ndarray, na: in
                        rng: np.random.Generator) -> np.ndarray:
     """Matched agreement of ``a`` with ``b`` shuffled among the images of each class, ``n_perm`` times."""
     by_class = np.argsort(classes, kind="stable")
-    out = np.empty(n_perm)
+    bp = np.empty((n_perm, b.size), dtype=b.dtype)
     for t in range(n_perm):
-        shuffled = np.lexsort((rng.random(classes.size), classes))  # a random order inside each class
-        bp = np.empty_like(b)
-        bp[by_class] = b[shuffled]
-        cont = np.zeros((na, nb), dtype=np.int64)
-        np.add.at(cont, (a, bp), 1)
-        out[t] = _matched(cont)[2] / max(a.size, 1)
-    return out
+        bp[t, by_class] = b[np.lexsort((rng.random(classes.size), classes))]  # a random order inside each class
+    conts = stats._contingencies(bp, a, nb, na)  # P × nb × na
+    return np.array([_matched(c.T)[2] for c in conts], dtype=np.float64) / max(a.size, 1)
 
 
 def compare_pair(a: np.ndarray, b: np.ndarray, superlabels: Optional[np.ndarray] = None,
@@ -81,8 +76,7 @@ def compare_pair(a: np.ndarray, b: np.ndarray, superlabels: Optional[np.ndarray]
         raise ValueError(f"expert assignments must be 1-D arrays of one length, got {a.shape} and {b.shape}")
     spec = stats.specialisation(b, a, n_perm=n_perm, seed=seed)  # NMI(a, b), null: a shuffled over images
     na, nb = int(a.max()) + 1, int(b.max()) + 1
-    cont = np.zeros((na, nb), dtype=np.int64)
-    np.add.at(cont, (a, b), 1)
+    cont = stats._contingencies(a, b, na, nb)[0]
     rows, cols, both = _matched(cont)
     agreement = both / max(a.size, 1)
     out: Dict[str, Any] = {

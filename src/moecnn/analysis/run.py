@@ -90,6 +90,17 @@ def load_routing(src) -> Dict[str, Any]:
     return res
 
 
+def routing_file(run_dir, split: str = "test") -> Optional[Path]:
+    """The run's saved routing on ``split``: ``eval/routing_<split>.npz`` (``moecnn eval``), else
+    ``analysis/routing_<split>.npz`` unless the checkpoint is newer than it; None when there is none."""
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoint.pt"
+    for f in (run_dir / "eval" / f"routing_{split}.npz", run_dir / "analysis" / f"routing_{split}.npz"):
+        if f.is_file() and not (f.parent.name == "analysis" and ck.is_file() and ck.stat().st_mtime > f.stat().st_mtime):
+            return f
+    return None
+
+
 def save_routing(path, routing: Mapping[str, Any]) -> None:
     """Write normalised routing (from :func:`load_routing` or :func:`compute_routing`) as ``.npz``."""
     arrays = {"labels": np.asarray(routing["labels"]), "layers": np.array(list(routing["layers"]), dtype=str)}
@@ -361,11 +372,9 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             rt = compute_routing(model, images, np.asarray(labels), mean, std, device=device, progress=progress)
             source = "computed with the model passed to analyze()"
         else:
-            ck = run_dir / "checkpoint.pt"
-            for f in (run_dir / "eval" / f"routing_{split}.npz", out / f"routing_{split}.npz"):
-                if f.is_file() and not (f.parent == out and ck.is_file() and ck.stat().st_mtime > f.stat().st_mtime):
-                    rt, source = load_routing(f), str(f)
-                    break
+            f = routing_file(run_dir, split)
+            if f is not None:
+                rt, source = load_routing(f), str(f)
             else:
                 if model is None or images is None:
                     _load_model()
