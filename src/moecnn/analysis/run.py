@@ -95,9 +95,11 @@ def routing_file(run_dir, split: str = "test") -> Optional[Path]:
     ``analysis/routing_<split>.npz`` unless the checkpoint is newer than it; None when there is none."""
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoint.pt"
-    for f in (run_dir / "eval" / f"routing_{split}.npz", run_dir / "analysis" / f"routing_{split}.npz"):
-        if f.is_file() and not (f.parent.name == "analysis" and ck.is_file() and ck.stat().st_mtime > f.stat().st_mtime):
-            return f
+    evaluated, analysed = run_dir / "eval" / f"routing_{split}.npz", run_dir / "analysis" / f"routing_{split}.npz"
+    if evaluated.is_file():
+        return evaluated
+    if analysed.is_file() and not (ck.is_file() and ck.stat().st_mtime > analysed.stat().st_mtime):
+        return analysed
     return None
 
 
