@@ -169,10 +169,9 @@ def _resume(args) -> int:
 
 
 def _train_seeds(cfg, out: Path, seeds: List[int]) -> int:
-    import statistics
-
     from .train import train
     from .train.runs import save_json
+    from .train.table import mean_std
 
     results = {}
     for s in seeds:
@@ -188,8 +187,7 @@ def _train_seeds(cfg, out: Path, seeds: List[int]) -> int:
         vals = [get(r) for r in results.values() if get(r) is not None]
         if not vals:
             return None
-        return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "values": vals}
+        return {**mean_std(vals), "values": vals}
 
     summary = {"seeds": list(results), "test_top1": stat(lambda r: r["test"] and r["test"]["top1"]),
                "test_top5": stat(lambda r: r["test"] and r["test"]["top5"]),

@@ -122,13 +122,19 @@ def cutout(x: torch.Tensor, size: int, generator: Optional[torch.Generator] = No
         return x
     n, _, h, w = x.shape
     if centres is None:
-        centres = torch.stack([torch.randint(0, h, (n,), generator=generator, device=x.device),
-                               torch.randint(0, w, (n,), generator=generator, device=x.device)])
+        centres = cutout_centres(n, (h, w), generator, x.device)
     top, left = (centres - size // 2).unbind(0)
     rows = torch.arange(h, device=x.device) - top.view(n, 1)  # position inside the square when in [0, size)
     cols = torch.arange(w, device=x.device) - left.view(n, 1)
     inside = ((rows >= 0) & (rows < size)).view(n, 1, h, 1) & ((cols >= 0) & (cols < size)).view(n, 1, 1, w)
     return x.masked_fill_(inside, 0.0)
+
+
+def cutout_centres(n: int, hw: Sequence[int], generator: Optional[torch.Generator],
+                   device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """2 x n (row, column) square centres for :func:`cutout`, uniform over an H x W image."""
+    return torch.stack([torch.randint(0, hw[0], (n,), generator=generator, device=device),
+                        torch.randint(0, hw[1], (n,), generator=generator, device=device)])
 
 
 def _check_cutout(size: int, hw: Sequence[int]) -> int:
@@ -250,9 +256,7 @@ class GPULoader:
         if self.jitter > 0:
             factors = jitter_factors(m, self.jitter, gen, dev)
         if self.cutout > 0:
-            h, w = self.dataset.images.shape[-2:]
-            centres = torch.stack([torch.randint(0, h, (m,), generator=gen, device=dev),
-                                   torch.randint(0, w, (m,), generator=gen, device=dev)])
+            centres = cutout_centres(m, self.dataset.images.shape[-2:], gen, dev)
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             i = idx[sl]

@@ -87,6 +87,11 @@ def run_row(run: Path) -> Dict[str, Any]:
     return row
 
 
+def mean_std(vals: Sequence[float]) -> Dict[str, float]:
+    """{"mean", "std"} of ``vals`` (sample std; 0 for a single value)."""
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+
+
 def _config_key(cfg: Dict) -> str:
     c = json.loads(json.dumps(cfg))
     c.get("train", {}).pop("seed", None)
@@ -106,8 +111,7 @@ def group_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for col in NUMERIC + ["nmi_null_max", "first_epoch_s", "median_epoch_s"]:
             vals = [m[col] for m in members if m[col] is not None]
             if vals:
-                g[col] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                          "n": len(vals)}
+                g[col] = {**mean_std(vals), "n": len(vals)}
         sweeps = [m["k_sweep"] for m in members if m["k_sweep"]]
         if sweeps and all(s.keys() == sweeps[0].keys() for s in sweeps):
             g["k_sweep"] = {k: statistics.fmean(s[k] for s in sweeps) for k in sweeps[0]}
