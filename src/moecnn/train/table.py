@@ -22,7 +22,8 @@ import yaml
 
 COLUMNS = ["run", "epochs", "test_top1", "k_sweep", "tta_flip", "nmi_superclass", "nmi_null_max", "train_s",
            "median_epoch_s", "images_per_s", "first_epoch_s"]
-NUMERIC = ["test_top1", "tta_flip", "nmi_superclass", "train_s", "median_epoch_s", "images_per_s", "val_ap"]
+NUMERIC = ["test_top1", "tta_flip", "nmi_superclass", "nmi_null_max", "train_s", "median_epoch_s", "images_per_s",
+           "first_epoch_s", "val_ap"]  # averaged over seeds by group_rows
 
 
 def _json(path: Path) -> Optional[Dict]:
@@ -108,7 +109,7 @@ def group_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         g: Dict[str, Any] = {c: None for c in COLUMNS + ["val_ap"]}
         g["run"] = " + ".join(m["run"] for m in members)
         g["epochs"] = members[0]["epochs"] if len({m["epochs"] for m in members}) == 1 else "mixed"
-        for col in NUMERIC + ["nmi_null_max", "first_epoch_s", "median_epoch_s"]:
+        for col in NUMERIC:
             vals = [m[col] for m in members if m[col] is not None]
             if vals:
                 g[col] = {**mean_std(vals), "n": len(vals)}
