@@ -53,21 +53,18 @@ def run_row(run: Path) -> Dict[str, Any]:
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     row: Dict[str, Any] = {c: None for c in COLUMNS + ["val_ap"]}
     row["run"], row["config"] = run.name, cfg
-    epochs = []
+    times, speeds = [], []
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                t = rec.get("time_s", rec.get("train_time_s"))  # classification / detection loop
-                if t is not None:
-                    epochs.append({"time_s": t, "images_per_s": rec.get("images_per_s")})
+            rec = json.loads(line) if line.strip() else {}
+            t = rec.get("time_s", rec.get("train_time_s"))  # classification / detection loop
+            if t is not None:
+                times.append(t)
+                speeds += [rec["images_per_s"]] if rec.get("images_per_s") is not None else []
     total = (cfg.get("train") or {}).get("epochs") or (cfg.get("optim") or {}).get("epochs")
-    row["epochs"] = f"{len(epochs)}/{total}" if total else str(len(epochs))
-    if epochs:
-        times = [r["time_s"] for r in epochs]
-        row["train_s"], row["median_epoch_s"] = sum(times), statistics.median(times)
-        row["first_epoch_s"] = times[0]
-        speeds = [r["images_per_s"] for r in epochs if r["images_per_s"] is not None]
+    row["epochs"] = f"{len(times)}/{total}" if total else str(len(times))
+    if times:
+        row["train_s"], row["median_epoch_s"], row["first_epoch_s"] = sum(times), statistics.median(times), times[0]
         row["images_per_s"] = statistics.median(speeds) if speeds else None
     ev, final = _json(run / "eval" / "test.json"), _json(run / "final.json")
     if ev is not None:
