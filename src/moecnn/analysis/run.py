@@ -233,7 +233,9 @@ def read_eval_accuracy(run_dir: Path, split: str = "test") -> Optional[Dict]:
     out: Dict[str, Any] = {"source": str(ev)}
     d = json.loads((ev / f"{split}.json").read_text())
     out["default"] = {k: d[k] for k in keep if k in d}
-    prefix = "" if split == "test" else f"{split}_"  # moecnn eval's names (test: plain; val: val_k_sweep.json…)
+    from ..train.evaluate import suite_prefix
+
+    prefix = suite_prefix(split)  # moecnn eval's names (test: plain; val: val_k_sweep.json …)
     for name in ("k_sweep", "forced", "disabled", "dense"):
         f = ev / f"{prefix}{name}.json"
         if not f.is_file():

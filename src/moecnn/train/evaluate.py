@@ -44,6 +44,11 @@ def _check_tta(tta: str) -> None:
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got '{tta}'")
 
 
+def suite_prefix(split: str) -> str:
+    """Prefix of the suite files (k_sweep.json, summary.json, custom_*.json …) of ``split``: none for test."""
+    return "" if split == "test" else f"{split}_"
+
+
 def _pct(num: torch.Tensor, den: torch.Tensor) -> list:
     acc = (100.0 * num / den.clamp_min(1)).tolist()
     return [a if d > 0 else None for a, d in zip(acc, den.tolist())]
@@ -172,7 +177,7 @@ def run_eval(
             return evaluate(model, loader, bundle.num_classes, dev, prec, c2s, details=True, tta=tta_mode)
 
     out_dir = run_dir / "eval"
-    prefix = "" if split == "test" else f"{split}_"  # the test split keeps the plain names
+    prefix = suite_prefix(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = moe_layers(model)
     info = {"run": str(run_dir), "checkpoint": which, "split": split, "class_names": list(bundle.class_names),
