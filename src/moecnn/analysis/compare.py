@@ -92,16 +92,19 @@ def compare_pair(a: np.ndarray, b: np.ndarray, superlabels: Optional[np.ndarray]
         out.update(agreement_within_class_null_mean=float(null.mean()) if n_perm else None,
                    agreement_within_class_null_max=float(null.max()) if n_perm else None,
                    agreement_within_class_p=float((1 + (null >= agreement - 1e-12).sum()) / (1 + n_perm)))
+    tops = {}  # superclass × expert image counts of each run
+    if superlabels is not None:
+        s = np.asarray(superlabels, dtype=np.int64)
+        ns = int(s.max()) + 1
+        names = list(superclass_names) if superclass_names is not None else [str(k) for k in range(ns)]
+        tops = {"a": stats._contingencies(s, a, ns, na)[0], "b": stats._contingencies(s, b, ns, nb)[0]}
     for i, j in zip(rows.tolist(), cols.tolist()):
         pair: Dict[str, Any] = {"a": i, "b": j, "images_both": int(cont[i, j]),
                                 "share_of_a": float(cont[i, j] / max(cont[i].sum(), 1)),
                                 "share_of_b": float(cont[i, j] / max(cont[:, j].sum(), 1))}
-        if superlabels is not None:
-            s = np.asarray(superlabels, dtype=np.int64)
-            ns = int(s.max()) + 1
-            names = list(superclass_names) if superclass_names is not None else [str(k) for k in range(ns)]
-            for side, assign, e in (("a", a, i), ("b", b, j)):
-                counts = np.bincount(s[assign == e], minlength=ns)
+        for side, e in (("a", i), ("b", j)):
+            if tops:
+                counts = tops[side][:, e]
                 pair[f"top_{side}"] = [names[k] for k in np.argsort(-counts, kind="stable")[:3] if counts[k] > 0]
         out["pairs"].append(pair)
     return out
@@ -119,8 +122,7 @@ def compare_runs(runs: Sequence[Path], split: str = "test", layer: Optional[str]
         if rt["labels"].shape != labels.shape or not np.array_equal(rt["labels"], labels):
             raise ValueError(f"'{r}' was evaluated on other images than '{runs[0]}' (labels differ): compare "
                              f"runs evaluated on the same split of the same dataset")
-    chosen = [stats.top1(_layer(rt, layer, r)["weights"], _layer(rt, layer, r)["logits"])
-              for r, rt in zip(runs, routed)]
+    chosen = [stats.top1(L["weights"], L["logits"]) for L in (_layer(rt, layer, r) for r, rt in zip(runs, routed))]
     sup = routed[0].get("superlabels")
     names = routed[0].get("superclass_names")
     names = [str(n) for n in names] if names is not None else None
