@@ -271,7 +271,7 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             with amp():
                 out = model(x)
                 task = F.cross_entropy(out.float(), y, label_smoothing=ls)
-                aux, terms = aux_loss(layers) if layers else aux_loss(raw)
+                aux, terms = aux_loss(layers or raw)  # dense model: a zero on its device
             loss = task + aux
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
