@@ -11,7 +11,6 @@ import gzip
 import json
 import lzma
 import os
-import pickle
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -215,11 +214,10 @@ def class_to_super_from_labels(fine: np.ndarray, coarse: np.ndarray, num_fine: i
 
 # --------------------------------------------------------------------------------------------- CIFAR
 def _unpickle(path: Path) -> Dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:
-        raise ValueError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from None
+    """An official CIFAR pickle, read with a restricted unpickler (builtins and numpy arrays only)."""
+    from ..safeio import load_pickle
+
+    d = load_pickle(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
     return {_str(k): v for k, v in d.items()}

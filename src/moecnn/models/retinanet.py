@@ -463,14 +463,9 @@ class MoERetinaNet(RetinaNet):
 
 
 def _read_state_dict(path: str) -> Dict[str, Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (or a checkpoint dict with a 'model' entry)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    from ..safeio import read_state_dict
+
+    return read_state_dict(path, what="detector weights")
 
 
 def _torchvision_state_dict(arch: str, what: str) -> Dict[str, Tensor]:

@@ -32,7 +32,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .loop import seed_all
-from .runs import _jsonable, atomic_write_bytes, git_commit, save_torch
+from ..safeio import torch_load
+from .runs import _jsonable, atomic_write_bytes, git_commit, rng_state, save_torch, set_rng_state
 from .runs import save_json as _save_json
 
 __all__ = [
@@ -426,7 +427,7 @@ def train_detection(cfg: Any, run_dir: str | Path) -> Dict[str, Any]:
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, step, resumed = 0, 0, False
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch_load(ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -434,10 +435,8 @@ def train_detection(cfg: Any, run_dir: str | Path) -> Dict[str, Any]:
         rng = ck.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
-        if "numpy" in rng:
-            np.random.set_state(rng["numpy"])
-        if "python" in rng:
-            random.setstate(rng["python"])
+        if "numpy" in rng or "python" in rng:
+            set_rng_state({"torch": torch.get_rng_state(), **rng})
         print(f"[detection] resuming {run_dir} after epoch {start_epoch - 1}", flush=True)
     _atomic_save(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
     _meta(cfg, device, resumed, run_dir)
@@ -510,7 +509,7 @@ def train_detection(cfg: Any, run_dir: str | Path) -> Dict[str, Any]:
         ck = {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "epoch": epoch, "step": step,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {k: v for k, v in rng_state().items() if k != "cuda"},
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         _atomic_save(ck, ckpt_path)
@@ -555,7 +554,7 @@ def load_detection_run(run_dir: str | Path, device: str = "cpu"):
         raise FileNotFoundError(f"{run_dir}: no checkpoint.pt (train the run first)")
     _, val_ds = build_detection_data(cfg, run_dir, train=False)
     model = build_detector(cfg, val_ds.num_classes, for_loading=True)
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    ck = torch_load(ck_path)
     model.load_state_dict(ck["model"])
     model.to(_device(device)).eval()
     return model, cfg, val_ds

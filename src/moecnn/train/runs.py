@@ -89,15 +89,20 @@ def save_config(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain containers (loadable with ``weights_only=True``)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: Dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    random.setstate(tuple(st["python"]))
+    kind, key, pos, has_gauss, gauss = st["numpy"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((kind, key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -105,16 +110,12 @@ def set_rng_state(st: Dict[str, Any]) -> None:
 
 def read_checkpoint(path: Path, map_location="cpu") -> Dict[str, Any]:
     """Load a checkpoint with one-line errors for missing, truncated or foreign files."""
+    from ..safeio import torch_load
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' not found; train first (moecnn train --out {path.parent})")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(
-            f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}); "
-            f"delete it and retrain, or use the other checkpoint (--which best/last)"
-        ) from None
+    ck = torch_load(path, map_location=map_location)
     if not isinstance(ck, dict) or "model" not in ck:
         raise RuntimeError(f"'{path}' is not a moecnn checkpoint (no 'model' entry)")
     return ck
