@@ -189,7 +189,7 @@ def test_eval_suite_and_routing_npz(trained):
 def test_val_split_eval_never_overwrites_the_test_suite(trained, tmp_path):
     import shutil
 
-    from moecnn.analysis.run import read_eval_accuracy
+    from moecnn.analysis.rundir import read_eval_accuracy
 
     run = tmp_path / "run"
     shutil.copytree(trained[0], run, ignore=shutil.ignore_patterns("eval"))

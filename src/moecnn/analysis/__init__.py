@@ -1,13 +1,14 @@
 """Interpretability analyses of MoE routing (SPEC §4): ``analyze(run_dir)`` and ``report(run_dir)``.
 
-Core statistics live in :mod:`moecnn.analysis.stats` and work on plain numpy arrays; output schema:
-docs/analysis_schema.md.
+Layout: :mod:`~moecnn.analysis.rundir` reads and writes a run directory's files, :mod:`~moecnn.analysis.compute`
+runs a model for routing and accuracy, :mod:`~moecnn.analysis.stats` holds the statistics on plain numpy
+arrays, :mod:`~moecnn.analysis.analyze` orchestrates them, :mod:`~moecnn.analysis.html_report` writes the HTML and
+:mod:`~moecnn.analysis.cli` registers the verbs. Output schema: docs/analysis_schema.md.
 """
-# load the HTML module first: importing a submodule later would rebind the package attribute ``report`` (the
-# function below) to the module ``moecnn.analysis.report``
-from . import report as _report_html  # noqa: F401
-from .run import (add_cli, analyze, brief, compute_accuracy, compute_routing, headline, load_routing, report,
-                  save_routing)
+from .analyze import analyze, brief, headline, report
+from .cli import add_cli
+from .compute import compute_accuracy, compute_routing
+from .rundir import load_routing, save_routing
 
 __all__ = ["analyze", "report", "add_cli", "brief", "headline", "load_routing", "save_routing", "compute_routing",
            "compute_accuracy"]

@@ -19,14 +19,13 @@ expert gets as top-1.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from . import stats
-from .run import load_routing, routing_file
+from .rundir import load_routing, routing_file
 
 
 def routing_of(run_dir: Path, split: str = "test") -> Dict[str, Any]:
@@ -173,34 +172,4 @@ def agreement_figure(res: Dict[str, Any], labels: Optional[Sequence[str]] = None
                             null if has_null else None)
 
 
-def add_compare_cli(subparsers) -> None:
-    c = subparsers.add_parser(
-        "compare", help="do several runs carve the data into the same experts? (NMI, ARI, matched experts)",
-        description="Compare the top-1 expert partitions of runs evaluated on the same images (their "
-        "eval/routing_<split>.npz from 'moecnn eval'): NMI with a permutation null, adjusted Rand index, and the "
-        "one-to-one expert matching with the share of images on which the matched experts agree.")
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--split", default="test", choices=["test", "val"])
-    c.add_argument("--layer", help="MoE layer name (default: the first)")
-    c.add_argument("--n-perm", type=int, default=200, help="permutations for the NMI null (default 200)")
-    c.add_argument("--out", help="also write the full result (JSON) to this file")
-    c.add_argument("--figure", help="also draw the runs x runs agreement matrix to this PNG file")
-    c.add_argument("--labels", help="comma-separated run labels for the figure (default: folder names)")
-    c.set_defaults(func=_cmd_compare)
-
-
-def _cmd_compare(args) -> int:
-    res = compare_runs(args.runs, split=args.split, layer=args.layer, n_perm=args.n_perm)
-    print(format_comparison(res))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.figure:
-        labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-        if labels is not None and len(labels) != len(res["runs"]):
-            raise ValueError(f"--labels gives {len(labels)} names for {len(res['runs'])} runs")
-        Path(args.figure).write_bytes(agreement_figure(res, labels))
-    return 0
-
-
-__all__: List[str] = ["compare_runs", "compare_pair", "format_comparison", "routing_of", "agreement_figure",
-                      "add_compare_cli"]
+__all__: List[str] = ["compare_runs", "compare_pair", "format_comparison", "routing_of", "agreement_figure"]

@@ -1,292 +1,24 @@
-"""``analyze(run_dir)`` writes RUN_DIR/analysis/ (summary.json + figures); ``report(run_dir)`` writes report.html.
+"""``analyze(run_dir)`` writes RUN_DIR/analysis/ (summary.json + figures) with every routing analysis of SPEC §4;
+``report(run_dir)`` analyzes when needed and writes the self-contained report.html.
 
-Inputs read from a run directory (each optional except a routing source):
-
-- ``config.yaml``                       task (classification / detection), model settings
-- ``eval/routing_<split>.npz``          per-image routing written by ``moecnn eval`` (see ``load_routing``)
-- ``analysis/routing_<split>.npz``      the same format, cached by ``analyze`` when it had to run the model
-- ``checkpoint.pt`` + data (via ``moecnn.train.runs.load_run``) when no routing file exists, and for images
-- ``eval/{<split>,k_sweep,forced,disabled,dense}.json``  accuracies from ``moecnn eval`` (else computed
-  with the model when it was loaded anyway)
-- ``metrics.jsonl``                     per-epoch utilisation during training
-
-Everything can also be passed as arrays (``routing=``, ``images=``, names, ``accuracy=``), so the analyses
-run without a checkpoint or the training stack. The output schema is documented in docs/analysis_schema.md.
+Inputs come through :mod:`moecnn.analysis.rundir` (the run's files) or :mod:`moecnn.analysis.compute` (the model);
+everything can also be passed as arrays (``routing=``, ``images=``, names, ``accuracy=``), so the analyses run
+without a checkpoint or the training stack. The output schema is documented in docs/analysis_schema.md.
 """
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+import json
 
 import numpy as np
 
 from . import stats
-
-SCHEMA_VERSION = 1
-ROUTING_FIELDS = ("logits", "weights", "top1")
-
-
-# ----------------------------------------------------------------------------------------- inputs
-def load_routing(src) -> Dict[str, Any]:
-    """Parse routing arrays (a dict or an ``.npz`` path) into a normalised dict.
-
-    Accepted layout (the one ``moecnn.train.evaluate.collect_routing`` writes): ``labels`` (M,), optional
-    ``preds`` (M,), ``superlabels`` (M,), ``class_names``, ``superclass_names``, ``images`` (M×C×H×W uint8),
-    ``layers`` (L,) and per layer ``<layer>/logits`` (M×N), ``<layer>/weights`` (M×N), optional
-    ``<layer>/top1``. ``logits/<layer>`` and ``<layer>.logits`` are accepted too; a file with plain ``logits``
-    / ``weights`` keys is one layer named ``moe``. Per-pixel (spatial) routing M×N×H×W is averaged over
-    pixels to per-image routing. Returns {"labels", "layers": {name: {"logits", "weights"}}, ...extras}.
-    """
-    if isinstance(src, (str, Path)):
-        with np.load(src, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    else:
-        data = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in dict(src).items()}
-    if "labels" not in data:
-        raise ValueError("routing arrays need 'labels' (one class id per image)")
-    layers: Dict[str, Dict[str, np.ndarray]] = {}
-    for key, val in data.items():
-        for f in ("logits", "weights"):
-            name = None
-            if key == f:
-                name = "moe"
-            elif key.endswith(f) and key[-len(f) - 1] in "/.:_":
-                name = key[: -len(f) - 1]
-            elif key.startswith(f) and len(key) > len(f) and key[len(f)] in "/.:_":
-                name = key[len(f) + 1:]
-            if name is not None:
-                layers.setdefault(name, {})[f] = np.asarray(val, dtype=np.float32)
-    order = [str(s) for s in data.get("layers", [])] if "layers" in data else []
-    names = [n for n in order if n in layers] + [n for n in layers if n not in order]
-    out_layers = {}
-    for n in names:
-        d = layers[n]
-        if "weights" not in d:
-            if "logits" not in d:
-                continue
-            raise ValueError(f"routing for layer '{n}' has logits but no sparse 'weights'")
-        w = d["weights"]
-        lg = d.get("logits")
-        spatial = w.ndim == 4
-        if spatial:  # B×N×H×W -> per-image mean routing
-            w = w.mean((2, 3))
-            lg = lg.mean((2, 3)) if lg is not None else None
-        if lg is None:
-            lg = np.log(np.clip(w, 1e-6, None))
-        out_layers[n] = {"logits": lg, "weights": w, "spatial": spatial}
-    if not out_layers:
-        raise ValueError("no per-layer routing found (expected keys '<layer>/weights' and '<layer>/logits')")
-    res = {"labels": np.asarray(data["labels"]).astype(np.int64).reshape(-1), "layers": out_layers}
-    for k in ("preds", "superlabels", "images", "class_names", "superclass_names", "class_to_super", "indices"):
-        if k in data:
-            res[k] = data[k]
-    m = res["labels"].shape[0]
-    for n, d in out_layers.items():
-        if d["weights"].shape[0] != m:
-            raise ValueError(f"layer '{n}': {d['weights'].shape[0]} routing rows but {m} labels")
-    return res
-
-
-def routing_file(run_dir, split: str = "test") -> Optional[Path]:
-    """The run's saved routing on ``split``: ``eval/routing_<split>.npz`` (``moecnn eval``), else
-    ``analysis/routing_<split>.npz`` unless the checkpoint is newer than it; None when there is none."""
-    run_dir = Path(run_dir)
-    ck = run_dir / "checkpoint.pt"
-    evaluated, analysed = run_dir / "eval" / f"routing_{split}.npz", run_dir / "analysis" / f"routing_{split}.npz"
-    if evaluated.is_file():
-        return evaluated
-    if analysed.is_file() and not (ck.is_file() and ck.stat().st_mtime > analysed.stat().st_mtime):
-        return analysed
-    return None
-
-
-def save_routing(path, routing: Mapping[str, Any]) -> None:
-    """Write normalised routing (from :func:`load_routing` or :func:`compute_routing`) as ``.npz``."""
-    arrays = {"labels": np.asarray(routing["labels"]), "layers": np.array(list(routing["layers"]), dtype=str)}
-    for n, d in routing["layers"].items():
-        arrays[f"{n}/logits"] = d["logits"]
-        arrays[f"{n}/weights"] = d["weights"]
-        arrays[f"{n}/top1"] = stats.top1(d["weights"], d["logits"])
-    for k in ("preds", "superlabels"):
-        if routing.get(k) is not None:
-            arrays[k] = np.asarray(routing[k])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
-
-
-def _norm_input(images, mean, std):
-    import torch
-
-    x = torch.as_tensor(np.asarray(images)).float() / 255.0
-    if mean is not None and std is not None:
-        m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-        x = (x - m) / s
-    return x
-
-
-def _batches(images, labels, batch_size, mean, std):
-    for i in range(0, len(images), batch_size):
-        yield _norm_input(images[i:i + batch_size], mean, std), np.asarray(labels[i:i + batch_size])
-
-
-def compute_routing(model, images: np.ndarray, labels: np.ndarray, mean=None, std=None, batch_size: int = 500,
-                    device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
-    """Run ``model`` (eval mode, current routing controls) over uint8 ``images`` and collect routing + preds."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..layers import moe_layers, routing as get_routing
-
-    was = model.training
-    model.eval()
-    names = list(moe_layers(model))
-    acc: Dict[str, List] = {n: {"logits": [], "weights": []} for n in names}
-    preds = []
-    with torch.no_grad():
-        for x, _ in tqdm(_batches(images, labels, batch_size, mean, std), total=-(-len(images) // batch_size),
-                         desc="routing", disable=not progress, leave=False):
-            out = model(x.to(device))
-            preds.append(out.argmax(1).cpu().numpy())
-            recs = get_routing(model)
-            for n in names:
-                acc[n]["logits"].append(recs[n].logits.float().cpu().numpy())
-                acc[n]["weights"].append(recs[n].weights.float().cpu().numpy())
-    model.train(was)
-    layers = {}
-    for n in names:
-        w = np.concatenate(acc[n]["weights"])
-        lg = np.concatenate(acc[n]["logits"])
-        spatial = w.ndim == 4
-        if spatial:
-            w, lg = w.mean((2, 3)), lg.mean((2, 3))
-        layers[n] = {"logits": lg, "weights": w, "spatial": spatial}
-    return {"labels": np.asarray(labels).astype(np.int64), "preds": np.concatenate(preds) if preds else None,
-            "layers": layers}
-
-
-def _accuracy_from_preds(preds, labels, n_classes, class_to_super) -> Dict:
-    """Eval-format accuracy (percent): top1, per_class, per_superclass."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    correct = (preds == labels).astype(np.float64)
-    tot = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    hit = np.bincount(labels, weights=correct, minlength=n_classes)
-    res = {"top1": float(100 * correct.mean()) if correct.size else None,
-           "per_class": [float(100 * h / t) if t else None for h, t in zip(hit, tot)], "images": int(labels.size)}
-    if class_to_super is not None:
-        sup = np.asarray(class_to_super, dtype=np.int64)
-        ns = int(sup.max()) + 1
-        st = np.bincount(sup, weights=tot, minlength=ns)
-        sh = np.bincount(sup, weights=hit, minlength=ns)
-        res["per_superclass"] = [float(100 * h / t) if t else None for h, t in zip(sh, st)]
-    return res
-
-
-def compute_accuracy(model, images, labels, n_classes, class_to_super=None, mean=None, std=None,
-                     layer: Optional[str] = None, batch_size: int = 500, device: str = "cpu",
-                     progress: bool = True) -> Dict:
-    """Accuracy suite with the model: default, every test-time k, each expert forced alone, each removed."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..layers import moe_layers, routing_override
-
-    layers = moe_layers(model)
-    if layer is not None:
-        layers = {layer: layers[layer]}
-    first = next(iter(layers.values()))
-    n, k_train = first.num_experts, first.k
-    settings = [("default", None, {})]
-    settings += [("k_sweep", str(k), {"k": k}) for k in range(1, n + 1)]
-    settings += [("forced", str(i), {"force": i}) for i in range(n)]
-    if n > 1:
-        settings += [("disabled", str(i), {"disabled": [i], "k": min(k_train, n - 1)}) for i in range(n)]
-    res: Dict[str, Any] = {"source": "computed with the model", "layer_controls": layer or "all layers"}
-    was = model.training
-    model.eval()
-    for group, key, controls in tqdm(settings, desc="accuracy", disable=not progress, leave=False):
-        preds = []
-        import contextlib
-
-        ctx = routing_override(model, layer=layer, **controls) if controls else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
-            for x, _ in _batches(images, labels, batch_size, mean, std):
-                preds.append(model(x.to(device)).argmax(1).cpu().numpy())
-        acc = _accuracy_from_preds(np.concatenate(preds), labels, n_classes, class_to_super)
-        if key is None:
-            res[group] = acc
-        else:
-            res.setdefault(group, {})[key] = acc
-    model.train(was)
-    return res
-
-
-def read_eval_accuracy(run_dir: Path, split: str = "test") -> Optional[Dict]:
-    """Accuracy suite from ``moecnn eval`` output (RUN_DIR/eval/*.json), or None."""
-    ev = Path(run_dir) / "eval"
-    if not (ev / f"{split}.json").is_file():
-        return None
-    keep = ("top1", "top5", "per_class", "per_superclass", "images", "loss")
-    out: Dict[str, Any] = {"source": str(ev)}
-    d = json.loads((ev / f"{split}.json").read_text())
-    out["default"] = {k: d[k] for k in keep if k in d}
-    from ..train.evaluate import suite_prefix
-
-    prefix = suite_prefix(split)  # moecnn eval's names (test: plain; val: val_k_sweep.json …)
-    for name in ("k_sweep", "forced", "disabled", "dense"):
-        f = ev / f"{prefix}{name}.json"
-        if not f.is_file():
-            continue
-        r = json.loads(f.read_text()).get("results", {})
-        if name == "dense":
-            out[name] = {k: r[k] for k in keep if k in r}
-        else:
-            out[name] = {s: {k: v[k] for k in keep if k in v} for s, v in r.items()}
-    tta = ev / f"{split}_tta_flip.json"  # flip test-time augmentation, reported beside the default
-    if tta.is_file():
-        t = json.loads(tta.read_text())
-        out["tta_flip"] = {k: t[k] for k in keep if k in t}
-    return out
-
-
-def _read_config(run_dir: Path) -> Dict:
-    f = run_dir / "config.yaml"
-    if not f.is_file():
-        return {}
-    try:
-        import yaml
-
-        return yaml.safe_load(f.read_text()) or {}
-    except Exception:  # pragma: no cover - malformed config
-        return {}
-
-
-def _read_metrics(run_dir: Path) -> List[Dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    recs = []
-    for line in f.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return recs
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name or "moe").strip("_") or "moe"
-
-
-def _write(path: Path, data: bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path.name
+from .compute import _accuracy_from_preds, compute_accuracy, compute_routing
+from .rundir import (SCHEMA_VERSION, _finite, _json_default, _slug, _write, load_routing, read_config,
+                     read_eval_accuracy, read_metrics, routing_file, save_routing)
 
 
 def _has_arrays(ds) -> bool:
@@ -334,7 +66,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
     out = run_dir / "analysis"
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    cfg = _read_config(run_dir)
+    cfg = read_config(run_dir)
     task = str(cfg.get("task", "classification")) if isinstance(cfg, dict) else "classification"
     notes: List[str] = []
     summary: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "run_dir": str(run_dir), "split": split,
@@ -603,7 +335,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         steps.update(1)
 
         # ---- utilisation over training
-        ev = stats.epoch_utilisation(_read_metrics(run_dir))
+        ev = stats.epoch_utilisation(read_metrics(run_dir))
         train_figs = {}
         for name, d in ev.items():
             if layer is not None and name != layer:
@@ -656,29 +388,6 @@ def headline(summary: Dict) -> Dict[str, Dict]:
     return out
 
 
-def _finite(o):
-    """Replace NaN/inf by None (strict JSON) and numpy scalars/arrays by Python values, recursively."""
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _finite(o.tolist())
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    return o
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def brief(summary: Dict) -> str:
     """A few human-readable lines of a summary (what the CLI prints)."""
     det = summary.get("detection")
@@ -704,54 +413,10 @@ def brief(summary: Dict) -> str:
 # ----------------------------------------------------------------------------------------- report
 def report(run_dir) -> Path:
     """Write RUN_DIR/report.html (one self-contained file; runs :func:`analyze` first when needed)."""
-    from .report import write_report
+    from .html_report import write_report
 
     run_dir = Path(run_dir)
     f = run_dir / "analysis" / "summary.json"
     if not f.is_file():
         analyze(run_dir)
     return write_report(run_dir)
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """Register the ``analyze`` and ``report`` verbs on an argparse subparsers object."""
-    import argparse
-
-    a = subparsers.add_parser(
-        "analyze", help="routing analyses of a run -> RUN_DIR/analysis/ (summary.json + figures)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Utilisation (importance, CV_imp, CV_act, living experts, co-activation, per epoch), class and "
-        "superclass x expert allocation, NMI/purity specialisation tests with a permutation null, t-SNE of gate "
-        "logits with thumbnails, most/least weighted images, accuracy vs k / forced / removed experts.",
-        epilog="reads: eval/routing_<split>.npz and eval/*.json from 'moecnn eval' when present (else runs the\n"
-        "model from checkpoint.pt), metrics.jsonl, config.yaml. Schema: docs/analysis_schema.md\n"
-        "example:\n  moecnn eval runs/p4 && moecnn analyze runs/p4 && moecnn report runs/p4")
-    a.add_argument("run_dir")
-    a.add_argument("--split", default="test", choices=["test", "val"], help="split to analyse (default test)")
-    a.add_argument("--layer", help="MoE layer name (default: every MoE layer, one section each)")
-    a.add_argument("--max-tsne", type=int, default=2000, help="t-SNE subsample size (default 2000)")
-    a.add_argument("--n-perm", type=int, default=200, help="label permutations for p-values (default 200)")
-    a.add_argument("--device", default="cpu", help="device for running the model when needed (default cpu)")
-    a.set_defaults(func=_cmd_analyze)
-    r = subparsers.add_parser(
-        "report", help="self-contained HTML report -> RUN_DIR/report.html",
-        description="Write RUN_DIR/report.html: one file, figures embedded, opens offline. Runs 'analyze' first "
-        "when RUN_DIR/analysis/summary.json is missing; detection runs get the detection sections.")
-    r.add_argument("run_dir")
-    r.set_defaults(func=_cmd_report)
-    from .compare import add_compare_cli
-
-    add_compare_cli(subparsers)
-
-
-def _cmd_analyze(args) -> int:
-    s = analyze(args.run_dir, split=args.split, layer=args.layer, max_tsne=args.max_tsne, n_perm=args.n_perm,
-                device=args.device)
-    print(brief(s))
-    return 0
-
-
-def _cmd_report(args) -> int:
-    print(f"report written to {report(args.run_dir)}")
-    return 0

@@ -295,9 +295,9 @@ def write_report(run_dir) -> Path:
     extra: List[Tuple[str, str]] = []
     task = summary.get("task")
     if task is None:
-        from .run import _read_config
+        from .rundir import read_config
 
-        task = _read_config(run_dir).get("task")
+        task = read_config(run_dir).get("task")
     if task == "detection":
         extra = _detection_sections(run_dir)
     out = run_dir / "report.html"
