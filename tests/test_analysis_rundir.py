@@ -25,11 +25,11 @@ def run_dir(tmp_path_factory):
 
     from moecnn.data import build_data
     from moecnn.models import build_model
-    from moecnn.train.config import TrainConfig, load_config
+    from moecnn.train.config import load_config
 
     d = tmp_path_factory.mktemp("rundir")
     (d / "config.yaml").write_text(yaml.safe_dump(CFG))
-    cfg = load_config(schema=TrainConfig, base=OmegaConf.create(CFG))
+    cfg = load_config(base=OmegaConf.create(CFG))
     bundle = build_data(cfg.data)
     torch.manual_seed(0)
     model = build_model(cfg.model, bundle.num_classes, bundle.in_channels)

@@ -161,30 +161,21 @@ def test_info(capsys):
     assert "resnet18" in out and "gap_fc" in out
 
 
-def test_detection_dispatch(monkeypatch, tmp_path, capsys):
-    import moecnn.train.detection as det
-
-    seen = {}
-
-    def fake_train(cfg, run_dir):
-        seen["train"] = (cfg.task, str(run_dir), cfg.optim.lr)
-        (tmp_path / "d").mkdir()
-        OmegaConf.save(cfg, tmp_path / "d" / "config.yaml")
-        return {"task": "detection"}
-
-    def fake_eval(run_dir, k=None, force_expert=None, sweep=None, device="auto", batch_size=None):
-        seen["eval"] = (str(run_dir), k, force_expert)
-        return {"AP": 0.5}
-
-    monkeypatch.setattr(det, "train_detection", fake_train)
-    monkeypatch.setattr(det, "evaluate_detection", fake_eval)
-    assert main(["train", "--config", "detection_shapes", "--out", str(tmp_path / "d"), "optim.lr=0.002"]) == 0
-    assert seen["train"] == ("detection", str(tmp_path / "d"), 0.002)
+def test_detection_config_errors_and_legacy_keys(capsys, tmp_path):
+    """Detection configs go through the same schema: unknown keys and bad values are one line; a config of
+    moecnn 0.1 (detection keys of its own loop) is read in today's keys."""
     one_error(capsys, ["train", "--config", "detection_shapes", "optim.lrr=1"], "unknown config key 'optim.lrr'")
-    assert main(["eval", str(tmp_path / "d"), "--k", "1"]) == 0
-    assert seen["eval"] == (str(tmp_path / "d"), 1, None)
-    capsys.readouterr()
-    one_error(capsys, ["eval", str(tmp_path / "d"), "--dense"], "detection eval does not support dense")
+    one_error(capsys, ["train", "--config", "detection_shapes", "model.routing=pixel"], "model.routing must be")
+    one_error(capsys, ["eval", str(tmp_path), "--batch-size", "0"], "--batch-size must be >= 1, got 0")
+    one_error(capsys, ["eval", str(tmp_path), "--batch-size", "-5"], "--batch-size must be >= 1, got -5")
+    old = tmp_path / "old.yaml"
+    old.write_text("task: detection\nname: x\nseed: 3\ndevice: cpu\noptim: {optimizer: sgd, epochs: 5, bf16: true, "
+                   "schedule: none, warmup_iters: 10}\nlog: {print_every: 7, final_sweep: true}\n"
+                   "model: {expert_noise: 0.02}\n")
+    c = load_config(str(old))
+    assert (c.train.seed, c.train.device, c.optim.name, c.train.epochs, c.train.precision) == (3, "cpu", "sgd", 5, "bf16")
+    assert c.optim.schedule == "constant" and c.log.check_every == 7 and c.model.init_noise == 0.02
+    assert load_config("tiny", ["optim.label_smoothing=0.2"]).model.label_smoothing == 0.2  # moved key
 
 
 def test_preset_name_not_shadowed_by_a_folder(tmp_path, monkeypatch):

@@ -71,54 +71,56 @@ def test_size_test_known_answers():
     assert u["l"]["n"] == 0
 
 
+DET_TINY = ["data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_size=64", "data.num_workers=0",
+            "model.min_size=64", "model.max_size=64", "model.fpn_channels=32", "model.head_convs=1",
+            "model.head_norm=none", "model.num_experts=3", "model.score_thresh=0.0", "model.detections_per_img=20",
+            "train.epochs=1", "optim.batch_size=4", "optim.warmup_epochs=0", "train.eval_every=1",
+            "log.tensorboard=false", "log.progress=none", "train.device=cpu", "train.deterministic=true"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from moecnn.train.detection import load_detection_config, train_detection
+    from moecnn.train import load_config, train
 
     root = tmp_path_factory.mktemp("det")
-    preset = Path(__file__).resolve().parents[1] / "src" / "moecnn" / "configs" / "detection_shapes.yaml"
-    cfg = load_detection_config(preset, {
-        "data": {"shapes": {"num_train": 8, "num_val": 4, "image_size": 64, "out": str(root / "shapes")},
-                 "num_workers": 0},
-        "model": {"min_size": 64, "max_size": 64, "fpn_channels": 32, "head_convs": 1, "head_norm": "none",
-                  "num_experts": 3, "score_thresh": 0.0, "detections_per_img": 20},
-        "optim": {"epochs": 1, "batch_size": 4, "warmup_iters": 0},
-        "log": {"print_every": 0, "eval_every": 1},
-    })
+    cfg = load_config("detection_shapes", DET_TINY + [f"data.shapes.out={root / 'shapes'}"])
     run = root / "run"
-    final = train_detection(cfg, run)
+    final = train(cfg, run)
     return run, cfg, final
 
 
 def test_train_resume_eval_analyze(tiny_run):
     from moecnn.analysis.detection import analyze_detection
-    from moecnn.train.detection import evaluate_detection, train_detection
+    from moecnn.cli import main
+    from moecnn.train import run_eval
 
     run, cfg, final = tiny_run
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "checkpoint.pt", "final.json"):
         assert (run / name).is_file(), name
-    assert final["images_per_s"] > 0 and 0.0 <= final["AP"] <= 1.0
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and "train_aux" in rows[0]
-    assert "cls/P3" in rows[0]["usage"] and "val" in rows[0]
-    # resume: one more epoch continues from the checkpoint
-    cfg.optim.epochs = 2
-    train_detection(cfg, run)
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["step"] == 2 * rows[0]["step"]
-    assert "resumed" in json.loads((run / "meta.json").read_text())
+    assert final["task"] == "detection" and final["metric"] == "AP" and 0.0 <= final["val"]["AP"] <= 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and np.isfinite(rows[0]["train"]["loss"]) and "loss/aux" in rows[0]["train"]
+    assert rows[0]["images_per_s"] > 0
+    assert "head.classification_head.moe@P3" in rows[0]["routing"] and "val" in rows[0]
+    # resume: one more epoch continues from the checkpoint (the same --resume as classification)
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert "resumes" in json.loads((run / "meta.json").read_text())
 
-    ev = evaluate_detection(run, device="cpu")
-    assert set(ev["k"]) == {"1", "2", "3"} and set(ev["forced"]) == {"0", "1", "2"}
-    assert ev["default"]["num_images"] == 4
-    for e, m in ev["forced"].items():  # all detections come from the forced expert
+    ev = run_eval(run, device="cpu")  # the one evaluation entry; detection evaluates its validation split
+    assert set(ev["k_sweep"]) == {"1", "2", "3"} and set(ev["forced"]) == {"0", "1", "2"}
+    forced = json.loads((run / "eval" / "val_forced.json").read_text())["results"]
+    for e, m in forced.items():  # all detections come from the forced expert
         assert set(m["detections_per_expert"]) <= {e}
-    assert (run / "eval" / "detection_eval.json").is_file()
-    one = evaluate_detection(run, k=1, device="cpu")
-    assert one["controls"] == {"k": 1} and (run / "eval" / "detection_ap_k1.json").is_file()
-    mixed = evaluate_detection(run, disable_experts=[0], dense=True, device="cpu")
-    assert "0" not in mixed["metrics"]["detections_per_expert"]
-    assert (run / "eval" / "detection_ap_disable0_dense.json").is_file()
+    assert json.loads((run / "eval" / "val.json").read_text())["num_images"] == 4
+    one = run_eval(run, k=1, device="cpu", which="best", batch_size=2)
+    assert one["setting"] == "k1" and (run / "eval" / "val_custom_k1.json").is_file()
+    mixed = run_eval(run, disable=[0], dense=True, device="cpu")
+    assert "0" not in json.loads(open(mixed["file"]).read())["detections_per_expert"]
+    assert (run / "eval" / "val_custom_disable0_dense.json").is_file()
+    with pytest.raises(ValueError, match="no 'test' split"):
+        run_eval(run, split="test", device="cpu")
 
     summary = analyze_detection(run, device="cpu", num_examples=2)
     assert set(summary["heads"]) == {"cls", "reg"}
@@ -130,6 +132,8 @@ def test_train_resume_eval_analyze(tiny_run):
     sections = detection_report_sections(run)
     titles = [t for t, _ in sections]
     assert "Detection AP (COCO, %)" in titles and any("data:image/png;base64," in h for _, h in sections)
+    ap_table = dict(sections)["Detection AP (COCO, %)"]
+    assert "k = 3" in ap_table and "expert 2 forced" in ap_table
 
 
 def test_cli_analyze_and_report_on_detection_run(tiny_run):
@@ -147,15 +151,18 @@ def test_cli_analyze_and_report_on_detection_run(tiny_run):
 
 
 def test_table_on_a_detection_run(tiny_run, capsys):
-    """`moecnn table` reads a detection run: val AP from final.json, times from train_time_s."""
+    """`moecnn table` reads a detection run: val AP, times from metrics.jsonl."""
     from moecnn import cli
+    from moecnn.train.runs import read_metrics
 
     run, _, _ = tiny_run
     final = json.loads((run / "final.json").read_text())
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_metrics(run)
     assert cli.main(["table", str(run), "--format", "json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["val_ap"] == pytest.approx(final["AP"]) and row["test_top1"] is None
-    assert row["train_s"] == pytest.approx(sum(r["train_time_s"] for r in rows))
+    ev = run / "eval" / "val.json"
+    ap = json.loads(ev.read_text())["AP"] if ev.is_file() else final["val"]["AP"]
+    assert row["val_ap"] == pytest.approx(ap) and row["test_top1"] is None
+    assert row["train_s"] == pytest.approx(sum(r["time_s"] for r in rows))
     assert cli.main(["table", str(run)]) == 0
     assert "| val AP |" in capsys.readouterr().out

@@ -49,10 +49,10 @@ def test_build_model_from_config_and_errors():
     assert layer.soft_losses == {"kl": 0.5, "z_loss": 0.001}
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 5)
     with pytest.raises(ValueError, match="k must be"):
-        build_model(ModelConfig(name="resnet10_tiny", num_experts=2, k=3), num_classes=5)
-    with pytest.raises(ValueError, match="moe must be one of"):
+        build_model(ModelConfig(name="resnet10_tiny", moe="resblock", num_experts=2, k=3), num_classes=5)
+    with pytest.raises(ValueError, match="unknown MoE placement 'dense'"):
         create_model("resnet18", moe="dense")
     with pytest.raises(ValueError, match="unknown model 'resnet99'"):
         create_model("resnet99")
     with pytest.raises(ValueError, match="bad balance weight"):
-        build_model(ModelConfig(name="resnet10_tiny", balance="kl:lots"), num_classes=5)
+        build_model(ModelConfig(name="resnet10_tiny", moe="resblock", balance="kl:lots"), num_classes=5)

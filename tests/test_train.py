@@ -119,19 +119,23 @@ def test_extending_a_finished_run_keeps_its_result_and_can_finish_after_a_cut(tr
 
 
 def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = loop.aux_loss
+    import moecnn.tasks.classification as cls
+
+    real = cls.aux_loss
     calls = {"n": 0}
 
     def poisoned(model):
         calls["n"] += 1
         total, terms = real(model)
-        return (total * float("nan"), terms) if calls["n"] > 3 else (total, terms)  # 3 steps per epoch
+        bad = {k: v * float("nan") for k, v in terms.items()}
+        return (total * float("nan"), bad) if calls["n"] > 3 else (total, terms)  # 3 steps per epoch
 
-    monkeypatch.setattr(loop, "aux_loss", poisoned)
+    monkeypatch.setattr(cls, "aux_loss", poisoned)
     run = tmp_path / "r"
     rc = main(["train", "--config", "tiny", "--out", str(run), *TINY, "log.check_every=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: non-finite loss at epoch 1, step 0"), err
+    assert "1 finished epochs" in err[0]
     ck = torch.load(run / "checkpoint.pt", weights_only=False)  # epoch 0's checkpoint survived intact
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     assert not (run / "final.json").exists()
@@ -227,7 +231,8 @@ def test_evaluate_flip_tta_averages_mirror_logits():
 
 def test_load_run_and_collect_routing(trained):
     run, _ = trained
-    model, c, bundle = load_run(run, which="best")
+    model, c, task = load_run(run, which="best")
+    bundle = task.bundle
     assert not model.training and c.model.num_experts == 4 and bundle.num_classes == 10
     from moecnn.data import make_loader
 

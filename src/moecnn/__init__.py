@@ -18,14 +18,15 @@ from .layers import (
     set_k,
     set_routing,
 )
-from .registry import CONSTRAINTS, DATASETS, GATES, LOSSES, MODELS
+from .registry import CONSTRAINTS, DATASETS, DETECTORS, GATES, LOSSES, MODELS, PLACEMENTS, SOURCES, TASKS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoE", "RoutingRecord", "moeify", "moe_layers", "routing", "aux_loss", "set_routing", "set_k",
     "force_expert", "set_dense", "disable_experts", "reset_routing", "routing_override",
-    "GATES", "LOSSES", "CONSTRAINTS", "MODELS", "DATASETS", "create_model", "list_models",
+    "GATES", "LOSSES", "CONSTRAINTS", "MODELS", "DETECTORS", "PLACEMENTS", "SOURCES", "TASKS", "DATASETS",
+    "create_model", "list_models",
 ]
 
 

@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dense", action="store_true", help="equal weights 1/N over all (enabled) experts")
     e.add_argument("--tta", default="none", choices=["none", "flip"],
                    help="test-time augmentation: flip = mean logits of each image and its mirror")
+    e.add_argument("--layer", help="apply the routing controls to this MoE layer only (default: every layer)")
     e.add_argument("--which", default="last", help="checkpoint: last (default), best or a file path")
-    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--split", choices=["test", "val"], help="default: test (classification), val (detection)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--batch-size", type=int, help="evaluation batch (default: train.eval_batch_size, else 512 / 8)")
 
     pr = sub.add_parser("presets", help="list the shipped and generated config presets",
                         description="List presets usable with 'moecnn train --config NAME'.")
@@ -116,25 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .train.config import load_config, peek_task, resolve_source
+    from .train.config import load_config
 
     if args.resume:
         return _resume(args)
-    task = peek_task(args.config)
-    if task == "detection":
-        from .train.detection import DetectionRunConfig, train_detection
-
-        if args.seeds:
-            raise ValueError("--seeds is for classification runs; for detection set seed=S and run once per seed")
-
-        cfg = load_config(args.config, args.overrides, schema=DetectionRunConfig)
-        out = Path(args.out or _default_out(args.config))
-        res = train_detection(cfg, out)
-        print(json.dumps(res, indent=2, default=str))
-        return 0
-    if task != "classification":
-        raise ValueError(f"task must be classification or detection, got '{task}'")
-    resolve_source(args.config)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or _default_out(args.config))
     if not args.seeds:
@@ -160,9 +146,8 @@ def _resume(args) -> int:
     if args.config or args.seeds:
         raise ValueError("--resume takes its config from RUN_DIR/config.yaml; drop --config/--seeds")
     base = load_config_file(Path(args.resume))
-    if base.get("task", "classification") == "detection":
-        raise ValueError("--resume is not supported for detection runs")
-    base.train.stop_after_epochs = None  # resume means: run to the end unless told otherwise
+    if "train" in base and "stop_after_epochs" in base.train:
+        base.train.stop_after_epochs = None  # resume means: run to the end unless told otherwise
     cfg = load_config(base=base, overrides=args.overrides)
     train(cfg, Path(args.resume), resume=True)
     return 0
@@ -178,53 +163,35 @@ def _train_seeds(cfg, out: Path, seeds: List[int]) -> int:
         c = cfg.copy()
         c.train.seed = s
         res = train(c, out / f"seed{s}")
-        if res and "test" in res:
+        if res and ("test" in res or "val" in res):
             results[s] = res
     if not results:
         return 0
+    metric = next(iter(results.values())).get("metric", "top1")
 
-    def stat(get):
-        vals = [get(r) for r in results.values() if get(r) is not None]
-        if not vals:
-            return None
-        return {**mean_std(vals), "values": vals}
+    def stat(split: str, key: str):
+        vals = [r[split][key] for r in results.values() if r.get(split) and r[split].get(key) is not None]
+        return {**mean_std(vals), "values": vals} if vals else None
 
-    summary = {"seeds": list(results), "test_top1": stat(lambda r: r["test"] and r["test"]["top1"]),
-               "test_top5": stat(lambda r: r["test"] and r["test"]["top5"]),
-               "val_top1": stat(lambda r: r["val"] and r["val"]["top1"])}
+    summary = {"seeds": list(results), "metric": metric}
+    for split in ("test", "val"):
+        for key in [metric] + (["top5"] if metric == "top1" else []):
+            summary[f"{split}_{key}"] = stat(split, key)
     save_json(out / "summary.json", summary)
-    t1 = summary["test_top1"]
-    if t1:
-        print(f"{len(results)} seeds: test top-1 {t1['mean']:.2f} ± {t1['std']:.2f} % -> {out / 'summary.json'}")
+    head = summary[f"test_{metric}"] or summary[f"val_{metric}"]
+    if head:
+        print(f"{len(results)} seeds: {metric} {head['mean']:.4g} ± {head['std']:.2g} -> {out / 'summary.json'}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .train.runs import load_config_file
+    from .layers import RoutingControls
+    from .train.evaluate import run_eval
 
-    cfg = load_config_file(Path(args.run_dir))
-    if cfg.get("task", "classification") == "detection":
-        import inspect
-
-        from .train.detection import evaluate_detection
-
-        kw = dict(k=args.k, force_expert=args.force_expert, disable_experts=args.disable_experts,
-                  dense=args.dense, which=args.which, device=args.device)
-        if args.tta != "none":
-            raise ValueError("--tta is for classification runs; detection eval has no test-time augmentation")
-        params = inspect.signature(evaluate_detection).parameters
-        accepts_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        defaults = (None, False, [], "last", "auto")
-        unsupported = [k for k, v in kw.items() if k not in params and not accepts_all and v not in defaults]
-        if unsupported:
-            raise ValueError(f"detection eval does not support {', '.join(unsupported)}")
-        res = evaluate_detection(args.run_dir, **{k: v for k, v in kw.items() if k in params or accepts_all})
-    else:
-        from .train.evaluate import run_eval
-
-        res = run_eval(args.run_dir, k=args.k, force_expert=args.force_expert, disable=args.disable_experts,
-                       dense=args.dense, which=args.which, split=args.split, device=args.device,
-                       batch_size=args.batch_size, tta=args.tta)
+    controls = RoutingControls(k=args.k, force=args.force_expert, dense=args.dense,
+                               disabled=tuple(args.disable_experts), layer=args.layer)
+    res = run_eval(args.run_dir, controls, which=args.which, split=args.split, device=args.device,
+                   batch_size=args.batch_size, tta=args.tta)
     print(json.dumps(res, indent=2, default=str))
     print(f"results written to {Path(args.run_dir) / 'eval'}", file=sys.stderr)
     return 0
@@ -233,13 +200,10 @@ def cmd_eval(args) -> int:
 def cmd_presets(args) -> int:
     from omegaconf import OmegaConf
 
-    from .train.config import TrainConfig, load_config, peek_task, preset_names, shipped_presets
+    from .train.config import load_config, preset_names, shipped_presets
 
     if args.show:
-        schema = TrainConfig
-        if peek_task(args.show) == "detection":
-            from .train.detection import DetectionRunConfig as schema
-        print(OmegaConf.to_yaml(load_config(args.show, schema=schema)), end="")
+        print(OmegaConf.to_yaml(load_config(args.show)), end="")
         return 0
     shipped = shipped_presets()
     for name in preset_names():
@@ -307,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         return COMMANDS[args.cmd](args) or 0
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
+    except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as e:
         if os.environ.get("MOECNN_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -316,7 +280,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; continue a training run with 'moecnn train --resume RUN_DIR'", file=sys.stderr)
+        hint = {"train": "; continue the run with 'moecnn train --resume RUN_DIR'"}.get(args.cmd, "; nothing was lost, "
+                                                                                          "run the command again")
+        print(f"error: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         from .train import distributed

@@ -51,8 +51,13 @@ class Registry:
         return f"Registry({self.kind}: {', '.join(self.names())})"
 
 
-GATES = Registry("gate")
-LOSSES = Registry("balancing loss")
-CONSTRAINTS = Registry("hard constraint")
-MODELS = Registry("model")
-DATASETS = Registry("dataset")
+# One calling convention per registry:
+GATES = Registry("gate")  # builder(in_channels, num_experts, **kw) -> nn.Module returning B×N (or B×N×H×W) logits
+LOSSES = Registry("balancing loss")  # fn(RoutingStats) -> scalar tensor
+CONSTRAINTS = Registry("hard constraint")  # HardConstraint subclass(num_experts, threshold, decay)
+MODELS = Registry("model")  # classifiers: builder(num_classes, in_channels, **kw) -> nn.Module (moecnn source)
+DETECTORS = Registry("detector")  # builder(num_classes, **kw) -> detector returning a loss dict in training
+PLACEMENTS = Registry("MoE placement")  # fn(model, position, num_experts, k, expert_width, **moe_kwargs), in place
+SOURCES = Registry("model source")  # fn(name, num_classes, in_channels, cfg) -> dense classifier
+DATASETS = Registry("dataset")  # builder(DataConfig) -> DataBundle
+TASKS = Registry("task")  # Task subclass (see moecnn.tasks)

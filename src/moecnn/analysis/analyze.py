@@ -93,7 +93,8 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 return
             from ..train.runs import load_run
 
-            m, _cfg, b = load_run(run_dir, which="last", device=device)
+            m, _cfg, task = load_run(run_dir, which="last", device=device)
+            b = task.bundle
             model = model or m
             bundle = b
             mean, std = getattr(b, "mean", None), getattr(b, "std", None)
@@ -138,10 +139,10 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             try:
                 if bundle is None and (run_dir / "config.yaml").is_file():
                     from ..data import build_data
-                    from ..train.config import TrainConfig, load_config
+                    from ..train.config import load_config
                     from ..train.runs import load_config_file
 
-                    tcfg = load_config(schema=TrainConfig, base=load_config_file(run_dir))
+                    tcfg = load_config(base=load_config_file(run_dir))
                     bundle = build_data(tcfg.data)
                     mean, std = bundle.mean, bundle.std
             except Exception as e:  # data not available here: analyses without thumbnails

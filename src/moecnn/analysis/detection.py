@@ -254,11 +254,13 @@ def analyze_detection(
     ``level_routing``, ``bucket_test``, ``level_test``, ``bucket_test_within_level``; plus
     ``detections`` (share of detections per expert by size).
     """
-    from ..train.detection import _device, load_detection_run
+    from ..train.distributed import pick_device
+    from ..train.runs import load_run
 
     run_dir = Path(run_dir)
-    dev = _device(device)
-    model, cfg, val_ds = load_detection_run(run_dir, str(dev))
+    dev = pick_device(device)
+    model, cfg, task = load_run(run_dir, device=dev)
+    val_ds = task.val_ds
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     moe_heads = model.head.moe_head_names() if hasattr(model.head, "moe_head_names") else []
@@ -352,13 +354,14 @@ def detection_report_sections(run_dir: str | Path) -> List[Tuple[str, str]]:
     run_dir = Path(run_dir)
     sections: List[Tuple[str, str]] = []
     head = "<table><tr><th>setting</th><th>AP</th><th>AP50</th><th>AP75</th><th>AP_S</th><th>AP_M</th><th>AP_L</th></tr>"
-    ev_path = run_dir / "eval" / "detection_eval.json"
+    ev = run_dir / "eval"
     final_path = run_dir / "final.json"
-    if ev_path.is_file():
-        ev = json.loads(ev_path.read_text())
-        rows = [_ap_row("trained routing", ev["default"])]
-        rows += [_ap_row(f"k = {k}", m) for k, m in ev.get("k", {}).items()]
-        rows += [_ap_row(f"expert {e} forced", m) for e, m in ev.get("forced", {}).items()]
+    if (ev / "val.json").is_file():  # moecnn eval's suite of a detection run (its validation split)
+        rows = [_ap_row("trained routing", json.loads((ev / "val.json").read_text()))]
+        for name, label in (("k_sweep", "k = {}"), ("forced", "expert {} forced")):
+            f = ev / f"val_{name}.json"
+            if f.is_file():
+                rows += [_ap_row(label.format(k), m) for k, m in json.loads(f.read_text())["results"].items()]
         sections.append(("Detection AP (COCO, %)", head + "".join(rows) + "</table>"))
     elif final_path.is_file():
         fin = json.loads(final_path.read_text())

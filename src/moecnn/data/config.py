@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -38,3 +38,34 @@ class DataConfig:
     image_size: Optional[int] = None  # digits: 16 or 32 (default 32); image_folder: resize to this square size
     synthetic_train_size: int = 10000  # synthetic: generated training images (before the val split)
     synthetic_test_size: int = 2000  # synthetic: generated test images
+
+
+@dataclass
+class ShapesDataConfig:
+    """The generated shapes detection set (``moecnn.data.shapes``)."""
+
+    out: Optional[str] = None  # folder for the generated set; None → <run_dir>/data/shapes
+    num_train: int = 400
+    num_val: int = 100
+    image_size: int = 160
+    seed: int = 0
+    size_mix: List[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+    max_objects: int = 4
+
+
+@dataclass
+class DetectionDataConfig:
+    """COCO-format detection data (annotation JSON + image folder per split), or the generated shapes set."""
+
+    source: str = "coco"  # coco (json + image folders below) | shapes (generated)
+    train_json: str = "${oc.env:COCO_ROOT,data/coco}/annotations/instances_train2017.json"
+    train_images: str = "${oc.env:COCO_ROOT,data/coco}/train2017"
+    val_json: str = "${oc.env:COCO_ROOT,data/coco}/annotations/instances_val2017.json"
+    val_images: str = "${oc.env:COCO_ROOT,data/coco}/val2017"
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+    label_map: str = "contiguous"  # contiguous (1..K) | coco_id (torchvision COCO models: 91 classes)
+    hflip: float = 0.5
+    aspect_ratio_grouping: bool = True
+    num_workers: int = 2
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None

@@ -1,6 +1,7 @@
 """MoE building blocks: the layer, gates, balancing, controls and moeify."""
 from .balance import HardConstraint, RoutingStats
 from .control import (
+    RoutingControls,
     aux_loss,
     disable_experts,
     force_expert,
@@ -20,5 +21,5 @@ from .stacked import StackedExperts
 __all__ = [
     "MoE", "RoutingRecord", "RoutingStats", "HardConstraint", "build_gate", "moeify", "moe_layers",
     "routing", "aux_loss", "set_routing", "set_k", "force_expert", "set_dense", "disable_experts",
-    "reset_routing", "routing_override", "StackedExperts",
+    "reset_routing", "routing_override", "StackedExperts", "RoutingControls",
 ]

@@ -5,6 +5,7 @@ Everything works on the MoE layers found with ``model.modules()``: no global sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -96,3 +97,33 @@ def routing_override(model: nn.Module, **controls) -> Iterator[nn.Module]:
         for n, m in layers.items():
             k, f, d, dis = saved[n]
             m.set_controls(k=k, force=f, dense=d, disabled=dis)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingControls:
+    """One inference setting of the MoE layers, from the command line down to the layer: test-time ``k``, one
+    ``force``d expert, ``dense`` equal weights, ``disabled`` experts, on every layer or the one named ``layer``."""
+
+    k: Optional[int] = None
+    force: Optional[int] = None
+    dense: bool = False
+    disabled: Tuple[int, ...] = ()
+    layer: Optional[str] = None
+
+    @property
+    def active(self) -> bool:
+        return self.k is not None or self.force is not None or self.dense or bool(self.disabled)
+
+    def kwargs(self) -> Dict[str, object]:
+        return {"k": self.k, "force": self.force, "dense": self.dense, "disabled": list(self.disabled),
+                "layer": self.layer}
+
+    def tag(self) -> str:
+        """File-name tag: ``k1``, ``force3``, ``disable0-2``, ``dense`` joined by ``_`` (plus ``@layer``)."""
+        parts = ([f"k{self.k}"] if self.k is not None else []) + ([f"force{self.force}"] if self.force is not None else [])
+        parts += ([f"disable{'-'.join(map(str, self.disabled))}"] if self.disabled else []) + (["dense"] if self.dense else [])
+        return "_".join(parts) + (f"@{self.layer}" if self.layer else "")
+
+    def apply(self, model: nn.Module):
+        """``with controls.apply(model): ...`` (no change when nothing is set)."""
+        return routing_override(model, **self.kwargs()) if self.active else contextlib.nullcontext(model)

@@ -1,10 +1,13 @@
-"""CIFAR-style ResNets (3×3 stem, stride 1, no max-pool) with the paper's MoE placements (SPEC §2).
+"""CIFAR-style ResNets (3×3 stem, stride 1, no max-pool) and the paper's MoE placements (SPEC §2).
 
-- ``moe="resblock"`` (the paper's ResBlock-MoE): stage p is replaced by N narrow experts plus a skip,
+Placements are registered in :data:`moecnn.registry.PLACEMENTS` and turn stage ``position`` of a built dense
+CIFAR ResNet into an MoE in place:
+
+- ``resblock`` (the paper's ResBlock-MoE): stage p is replaced by N narrow experts plus a skip,
   y = Σ g_i E_i(x) + S(x); each expert is two residual blocks in→P→out (P = 25/50/90/180 for p = 1..4).
-- ``moe="block"`` (BlockMoE, follow-up): every block of stage p becomes an MoE of copies of that block.
-- ``moe="conv"`` (ConvMoE, follow-up): every 3×3 Conv2d of stage p becomes an MoE of conv experts.
-- ``moe="none"``: the dense baseline.
+- ``block`` (BlockMoE, follow-up): every block of stage p becomes an MoE of copies of that block.
+- ``conv`` (ConvMoE, follow-up): every 3×3 Conv2d of stage p becomes an MoE of conv experts.
+- ``none``: the dense baseline.
 Stages are named ``layer1``..``layer4`` like torchvision's, so :func:`moecnn.moeify` targets carry over.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from ..layers import MoE, moeify
-from ..registry import MODELS
+from ..registry import MODELS, PLACEMENTS
 
 PAPER_EXPERT_WIDTHS = (25, 50, 90, 180)  # P for stage positions 1..4 (ResNet-18, SPEC §2)
 
@@ -89,6 +92,8 @@ def _expert(block: Type[nn.Module], cin: int, cout: int, stride: int, width: int
 
 
 class CIFARResNet(nn.Module):
+    """A CIFAR ResNet; ``moe`` names a registered placement applied to stage ``position`` after construction."""
+
     def __init__(
         self,
         block: Type[nn.Module],
@@ -104,27 +109,21 @@ class CIFARResNet(nn.Module):
         **moe_kwargs,
     ) -> None:
         super().__init__()
-        if moe not in ("none", "resblock", "block", "conv"):
-            raise ValueError(f"moe must be one of none, resblock, block, conv; got '{moe}'")
-        if not 1 <= position <= 4:
-            raise ValueError(f"position must be a stage number 1..4, got {position}")
         if num_classes < 1 or in_channels < 1 or width < 1:
             raise ValueError("num_classes, in_channels and width must be positive")
         expansion = 4 if block is Bottleneck else 1
         widths = [width * 2**i for i in range(4)]
+        self.block, self.width, self.depths = block, width, tuple(layers)
         self.stem = nn.Sequential(conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         cin = width
+        self.stage_io: List[tuple] = []  # (in channels, out channels, stride) of each stage
         stages: List[nn.Module] = []
         for i, (w, n) in enumerate(zip(widths, layers)):
             stride = 1 if i == 0 else 2
             cout = w * expansion
-            if moe == "resblock" and i + 1 == position:
-                p = expert_width or max(1, round(PAPER_EXPERT_WIDTHS[i] * width / 64))
-                experts = [_expert(block, cin, cout, stride, p) for _ in range(num_experts)]
-                stages.append(ResBlockMoE(MoE(experts, k=k, **moe_kwargs), cin, cout, stride))
-            else:
-                blocks = [block(cin, cout, stride, mid=w)] + [block(cout, cout, 1, mid=w) for _ in range(n - 1)]
-                stages.append(nn.Sequential(*blocks))
+            blocks = [block(cin, cout, stride, mid=w)] + [block(cout, cout, 1, mid=w) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            self.stage_io.append((cin, cout, stride))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -132,16 +131,7 @@ class CIFARResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if moe == "block":
-            targets = [f"layer{position}.{j}" for j in range(layers[position - 1])]
-            moeify(self, targets, num_experts, k=k, init="reinit", **moe_kwargs)
-        elif moe == "conv":
-            prefix = f"layer{position}."
-
-            def is_conv3(name: str, m: nn.Module) -> bool:
-                return name.startswith(prefix) and isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
-
-            moeify(self, is_conv3, num_experts, k=k, init="reinit", **moe_kwargs)
+        place(self, moe, position, num_experts=num_experts, k=k, expert_width=expert_width, **moe_kwargs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -150,6 +140,59 @@ class CIFARResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+def place(model: nn.Module, moe: str, position: int, **kw) -> nn.Module:
+    """Apply the registered placement ``moe`` to stage ``position`` of a CIFAR ResNet (``none``: nothing)."""
+    if moe == "none":
+        return model
+    if moe not in PLACEMENTS:
+        raise ValueError(f"unknown MoE placement '{moe}'; choose none or one of: {', '.join(PLACEMENTS.names())}")
+    if not isinstance(model, CIFARResNet):
+        raise ValueError(f"placement '{moe}' needs a moecnn CIFAR ResNet (model.source=moecnn); for other models "
+                         f"name the blocks with model.targets=[...]")
+    if not 1 <= position <= 4:
+        raise ValueError(f"position must be a stage number 1..4, got {position}")
+    PLACEMENTS.get(moe)(model, position, **kw)
+    return model
+
+
+@PLACEMENTS.register("resblock")
+def resblock_placement(model: "CIFARResNet", position: int, num_experts: int, k: int,
+                       expert_width: Optional[int] = None, **moe_kwargs) -> None:
+    """Stage p → ResBlockMoE: N experts of two residual blocks in→P→out, plus the skip S(x)."""
+    cin, cout, stride = model.stage_io[position - 1]
+    p = expert_width or max(1, round(PAPER_EXPERT_WIDTHS[position - 1] * model.width / 64))
+    experts = [_expert(model.block, cin, cout, stride, p) for _ in range(num_experts)]
+    for e in experts:
+        for m in e.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    skip = ResBlockMoE(MoE(experts, k=k, **moe_kwargs), cin, cout, stride)
+    for m in skip.skip.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    setattr(model, f"layer{position}", skip)
+
+
+@PLACEMENTS.register("block")
+def block_placement(model: "CIFARResNet", position: int, num_experts: int, k: int,
+                    expert_width: Optional[int] = None, **moe_kwargs) -> None:
+    """Every block of stage p → an MoE of re-initialised copies of that block."""
+    targets = [f"layer{position}.{j}" for j in range(model.depths[position - 1])]
+    moeify(model, targets, num_experts, k=k, init="reinit", **moe_kwargs)
+
+
+@PLACEMENTS.register("conv")
+def conv_placement(model: "CIFARResNet", position: int, num_experts: int, k: int,
+                   expert_width: Optional[int] = None, **moe_kwargs) -> None:
+    """Every 3×3 Conv2d of stage p → an MoE of re-initialised conv experts."""
+    prefix = f"layer{position}."
+
+    def is_conv3(name: str, m: nn.Module) -> bool:
+        return name.startswith(prefix) and isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+
+    moeify(model, is_conv3, num_experts, k=k, init="reinit", **moe_kwargs)
 
 
 @MODELS.register("resnet18")

@@ -37,7 +37,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..layers.moe import MoE, RoutingRecord
-from ..registry import MODELS
+from ..registry import DETECTORS
 
 __all__ = [
     "HeadTower",
@@ -131,8 +131,9 @@ class _MoEHeadMixin:
             raise ValueError(f"routing must be 'level' or 'anchor', got '{routing_mode}'")
         # stacked experts must keep the channel layout: the anchor layout is then applied after the mixture
         # (a per-image linear reshuffle, so Σ g_i L(E_i(x)) = L(Σ g_i E_i(x)))
-        flatten = routing_mode == "level" and not moe_kwargs.get("stacked", False)
-        self._layout_after = not flatten
+        # (whatever execution the layer picks, so the experts always keep the channel layout)
+        flatten = False
+        self._layout_after = True
         experts = [HeadTower(flatten=flatten, **tower_kwargs) for _ in range(num_experts)]
         self.moe = MoE(experts, gate=gate, k=k, in_channels=tower_kwargs["in_channels"], **moe_kwargs)
         self.moe.gate = _FP32Gate(self.moe.gate)
@@ -588,7 +589,9 @@ def build_retinanet(
     balance: Any = "kl",
     balance_weight: float = 0.25,
     threshold: Optional[float] = None,
+    decay: Optional[float] = None,
     noisy: Optional[bool] = None,
+    capacity_factor: Optional[float] = None,
     weights: Optional[str] = None,
     weights_backbone: Optional[str] = None,
     freeze_backbone: bool = False,
@@ -601,7 +604,7 @@ def build_retinanet(
     head_norm: str = "none",
     fpn_channels: int = 256,
     head_convs: int = 4,
-    stacked: bool = False,
+    stacked: Optional[bool] = None,
     expert_noise: float = 0.01,
     attribution_head: str = "auto",
     score_thresh: float = 0.05,
@@ -674,12 +677,10 @@ def build_retinanet(
     if gate is None:
         gate = "spatial" if routing == "anchor" else "relu_gap_fc"
     moe_kwargs = dict(balance=_parse_balance(balance, balance_weight), balance_weight=balance_weight)
-    if stacked:
-        moe_kwargs["stacked"] = True
-    if threshold is not None:
-        moe_kwargs["threshold"] = threshold
-    if noisy is not None:
-        moe_kwargs["noisy"] = noisy
+    for key, val in (("stacked", stacked), ("threshold", threshold), ("decay", decay), ("noisy", noisy),
+                     ("capacity_factor", capacity_factor)):
+        if val is not None:
+            moe_kwargs[key] = val
     head = MoERetinaNetHead(
         backbone.out_channels,
         num_anchors,
@@ -751,5 +752,5 @@ for _name, _fn in (
     ("retinanet_resnet50_fpn", retinanet_resnet50_fpn),
     ("retinanet_resnet18_fpn", retinanet_resnet18_fpn),
 ):
-    if _name not in MODELS:
-        MODELS.register(_name)(_fn)
+    if _name not in DETECTORS:
+        DETECTORS.register(_name)(_fn)

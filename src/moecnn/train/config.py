@@ -1,8 +1,9 @@
 """Typed run configuration (OmegaConf structured configs) and the preset system.
 
-A run is described by one :class:`TrainConfig` with a section per concern: ``data`` (what to load, how to
-augment), ``model`` (architecture and MoE), ``optim`` (optimiser, batch, LR schedule), ``train`` (epochs,
-seed, device, precision, checkpointing) and ``log``. :func:`load_config` merges, in order, the schema
+A run is described by one config with a section per concern: ``task`` (classification | detection), ``data`` and
+``model`` (the task's own sections, :attr:`moecnn.tasks.base.Task.data_schema` / ``model_schema``), and the
+sections every task shares: ``optim`` (optimiser, batch, LR schedule), ``train`` (epochs, seed, device,
+precision, compile, checkpointing) and ``log``; :func:`schema` assembles it per task. :func:`load_config` merges, in order, the schema
 defaults, a preset or YAML file, and ``key=value`` overrides, and turns OmegaConf's errors into one-line
 ``ValueError`` messages.
 
@@ -13,15 +14,13 @@ Presets are the YAML files in ``moecnn/configs/`` plus generated names (see :fun
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from ..data.config import DataConfig
-from ..models.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BALANCES = ("importance", "kl", "relative", "mean")
@@ -37,12 +36,11 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
-    label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max global grad norm; None = off
     schedule: str = "step"  # constant | step | onecycle | cosine
     milestones: List[int] = field(default_factory=lambda: [81, 120])  # step: lr *= gamma from these epochs on
     gamma: float = 0.1  # step: decay factor
-    warmup_epochs: float = 0.0  # onecycle/cosine: linear warm-up length (fractional epochs allowed)
+    warmup_epochs: float = 0.0  # linear warm-up length (fractional epochs allowed; every schedule)
     final_lr_factor: float = 0.0  # onecycle/cosine: lr at the end = lr * this
 
 
@@ -58,10 +56,12 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     threads: Optional[int] = None  # CPU intra-op threads (torch.set_num_threads); None = torch's default
-    cudnn_benchmark: Optional[bool] = None  # None = on unless deterministic or the MoE dispatch has variable
-    #   per-expert batch sizes (exact dispatch: every new sub-batch size would be re-tuned)
+    cudnn_benchmark: Optional[bool] = None  # None = on unless deterministic or an MoE layer runs changing shapes
     eval_every: int = 1  # validate every n epochs (and always after the last)
-    save_best: bool = True  # also keep best.pt (highest val top-1)
+    eval_batch_size: Optional[int] = None  # None = max(per-rank batch, 256) (classification) / per-rank batch (detection)
+    max_steps_per_epoch: Optional[int] = None  # cut epochs short (quick runs)
+    save_best: bool = True  # also keep best.pt (best validation metric)
+    probe_size: int = 512  # images whose routing is kept at every validation (probe_routing.npz); 0 = off
     stop_after_epochs: Optional[int] = None  # stop this invocation after n epochs (simulated interruption)
     collapse_patience: int = 3  # warn when < N/2 experts live for this many epochs in a row
 
@@ -73,14 +73,28 @@ class LogConfig:
     check_every: int = 50  # steps between non-finite checks / progress updates (each is one host sync)
 
 
-@dataclass
-class TrainConfig:
-    task: str = "classification"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: RunConfig = field(default_factory=RunConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+SHARED = {"optim": OptimConfig, "train": RunConfig, "log": LogConfig}
+
+
+def schema(task: str) -> type:
+    """The structured config of ``task``: its data and model sections plus the shared optim/train/log."""
+    from ..registry import TASKS
+    from .. import tasks  # noqa: F401  (registers the tasks)
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS.names())}, got '{task}'")
+    t = TASKS.get(task)
+    if task not in _SCHEMAS:
+        _SCHEMAS[task] = make_dataclass(f"{t.__name__}Config", [
+            ("task", str, field(default=task)),
+            ("data", t.data_schema, field(default_factory=t.data_schema)),
+            ("model", t.model_schema, field(default_factory=t.model_schema)),
+            *[(k, v, field(default_factory=v)) for k, v in SHARED.items()],
+        ])
+    return _SCHEMAS[task]
+
+
+_SCHEMAS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,11 +154,6 @@ def read_yaml(path: Path) -> DictConfig:
     return cfg
 
 
-def peek_task(config: Optional[str]) -> str:
-    path, _ = resolve_source(config)
-    return str(read_yaml(path).get("task", "classification")) if path else "classification"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # loading with friendly errors
 # ---------------------------------------------------------------------------------------------------------
@@ -176,14 +185,80 @@ def _friendly(e: OmegaConfBaseException, schema: DictConfig) -> ValueError:
     return ValueError(f"bad config value{f' for {key}' if key else ''}: {msg}")
 
 
+# Keys of configs written by moecnn 0.1 (run directories, user YAML files) → today's keys.
+LEGACY_MOVES = {
+    "classification": {"optim.label_smoothing": "model.label_smoothing"},
+    "detection": {"seed": "train.seed", "device": "train.device", "optim.optimizer": "optim.name",
+                  "optim.epochs": "train.epochs", "optim.max_steps_per_epoch": "train.max_steps_per_epoch",
+                  "log.eval_every": "train.eval_every", "log.eval_batch_size": "train.eval_batch_size",
+                  "log.print_every": "log.check_every", "log.eval_max_images": "data.max_val_images",
+                  "model.expert_noise": "model.init_noise"},
+}
+LEGACY_DROPPED = {"detection": ("name", "log.final_sweep")}
+
+
+def migrate(raw: DictConfig) -> DictConfig:
+    """A config of moecnn 0.1 rewritten in today's keys (``optim.bf16`` → ``train.precision``, warm-up
+    iterations → epochs are approximated as 0 when the epoch length is unknown, ...). Unknown keys stay for the
+    schema to refuse."""
+    d = OmegaConf.to_container(raw, resolve=False)
+    task = str(d.get("task", "classification"))
+
+    def pop(path: str):
+        node = d
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+            if node is None:
+                return None, False
+        return (node.pop(leaf), True) if isinstance(node, dict) and leaf in node else (None, False)
+
+    def put(path: str, value) -> None:
+        node = d
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node.setdefault(leaf, value)
+
+    for old, new in LEGACY_MOVES.get(task, {}).items():
+        v, found = pop(old)
+        if found:
+            put(new, v)
+    for old in LEGACY_DROPPED.get(task, ()):
+        pop(old)
+    if task == "detection":
+        v, found = pop("optim.bf16")
+        if found:
+            put("train.precision", "bf16" if v else "fp32")
+        pop("optim.warmup_iters")
+        sched = (d.get("optim") or {}).get("schedule")
+        if sched == "none":
+            d["optim"]["schedule"] = "constant"
+    return OmegaConf.create(d)
+
+
+def peek_task(config: Optional[str] = None, overrides: Sequence[str] = (), base: Optional[DictConfig] = None) -> str:
+    """The task a config is for: a ``task=...`` override, else the file's (or ``base``'s) ``task``."""
+    for o in overrides:
+        if o.startswith("task="):
+            return o.split("=", 1)[1]
+    if base is not None:
+        return str(base.get("task", "classification"))
+    path, _ = resolve_source(config)
+    return str(read_yaml(path).get("task", "classification")) if path else "classification"
+
+
 def load_config(
     config: Optional[str] = None,
     overrides: Sequence[str] = (),
-    schema: Any = TrainConfig,
     base: Optional[DictConfig] = None,
 ) -> DictConfig:
-    """schema defaults <- preset/YAML (or ``base``) <- ``key=value`` overrides; validated, read-only keys."""
-    structured = OmegaConf.structured(schema)
+    """schema defaults <- preset/YAML (or ``base``) <- ``key=value`` overrides; validated.
+
+    The schema is the task's (``task:`` in the file or ``task=`` among the overrides): its data and model
+    sections and the shared optim/train/log sections. Every extra package the config needs is checked here."""
+    task = peek_task(config, overrides, base)
+    structured = OmegaConf.structured(schema(task))
     if base is not None:
         path, implied = None, []
     else:
@@ -192,47 +267,69 @@ def load_config(
     for d in dots:
         if "=" not in d:
             raise ValueError(f"override '{d}' must look like key=value (e.g. optim.lr=0.01)")
+    moves = LEGACY_MOVES.get(task, {})
+    dots = [moves[d.split("=", 1)[0]] + "=" + d.split("=", 1)[1] if d.split("=", 1)[0] in moves else d for d in dots]
     try:
         layers = [structured]
         if base is not None:
-            layers.append(base)
+            layers.append(migrate(base))
         elif path is not None:
-            layers.append(read_yaml(path))
+            layers.append(migrate(read_yaml(path)))
         layers.append(OmegaConf.from_dotlist(dots))
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         raise _friendly(e, structured) from None
-    if cfg.get("task", "classification") == "classification":
-        validate(cfg)
+    validate(cfg)
     return cfg
 
 
+SCHEDULES = ("constant", "step", "onecycle", "cosine")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: DictConfig) -> None:
+    """The shared sections' checks, then the task's own, then its optional packages (one line each)."""
+    from ..registry import TASKS
+
     m, o, t = cfg.model, cfg.optim, cfg.train
-    if m.moe != "none" and not 1 <= m.k <= m.num_experts:
-        raise ValueError(f"model.k={m.k} must be between 1 and model.num_experts={m.num_experts}")
     if o.name not in ("adam", "adamw", "sgd"):
         raise ValueError(f"optim.name must be adam, adamw or sgd, got '{o.name}'")
-    if o.schedule not in ("constant", "step", "onecycle", "cosine"):
-        raise ValueError(f"optim.schedule must be constant, step, onecycle or cosine, got '{o.schedule}'")
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got '{o.schedule}'")
     if t.precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision must be bf16, fp16 or fp32, got '{t.precision}'")
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if t.compile_mode not in modes:
-        raise ValueError(f"train.compile_mode must be one of {', '.join(modes)}, got '{t.compile_mode}'")
-    if t.compile_mode == "reduce-overhead" and m.moe != "none" and m.capacity_factor is None:
+    if t.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{t.compile_mode}'")
+    has_moe = m.get("moe", "none") != "none" or bool(m.targets) or cfg.task == "detection"
+    if t.compile and t.compile_mode == "reduce-overhead" and has_moe and m.capacity_factor is None:
         raise ValueError("train.compile_mode=reduce-overhead (CUDA graphs) needs static shapes: set "
                          "model.capacity_factor (e.g. 1.25) or use compile_mode=default")
     if t.dist_backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"train.dist_backend must be auto, nccl or gloo, got '{t.dist_backend}'")
     if cfg.log.progress not in ("auto", "bar", "lines", "none"):
         raise ValueError(f"log.progress must be auto, bar, lines or none, got '{cfg.log.progress}'")
-    for name, v in (("train.epochs", t.epochs), ("optim.batch_size", o.batch_size), ("train.eval_every", t.eval_every)):
+    for name, v in (("train.epochs", t.epochs), ("optim.batch_size", o.batch_size), ("train.eval_every", t.eval_every),
+                    ("log.check_every", cfg.log.check_every)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    for name, v in (("train.eval_batch_size", t.eval_batch_size), ("train.max_steps_per_epoch", t.max_steps_per_epoch),
+                    ("train.threads", t.threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1 or null, got {v}")
+    if t.stop_after_epochs is not None and t.stop_after_epochs < 0:
+        raise ValueError(f"train.stop_after_epochs must be >= 0 or null, got {t.stop_after_epochs}")
+    if t.probe_size < 0:
+        raise ValueError(f"train.probe_size must be >= 0 (0 = off), got {t.probe_size}")
     if o.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {o.lr}")
-    aug = cfg.data.augment
-    for name in ("crop_padding", "cutout"):
-        if aug[name] < 0:
-            raise ValueError(f"data.augment.{name} must be >= 0 (0 = off), got {aug[name]}")
+    if o.warmup_epochs < 0 or o.weight_decay < 0:
+        raise ValueError("optim.warmup_epochs and optim.weight_decay must be >= 0")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise ValueError(f"optim.grad_clip must be > 0 or null, got {o.grad_clip}")
+    task = TASKS.get(cfg.task)
+    task.validate(cfg)
+    task.check_requirements(cfg)
+
+
+TrainConfig = schema("classification")  # the classification run schema (the default task)
+DetectionRunConfig = schema("detection")

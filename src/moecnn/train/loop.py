@@ -1,12 +1,14 @@
-"""The classification training loop (single process or DDP under torchrun).
+"""The one training loop: every task, any model, one process or DDP under torchrun.
 
-``train(cfg, run_dir, resume=False) -> final metrics``. Per step everything stays on the device; metrics
-are summed in device tensors and read once per epoch (plus one small non-finite check every
-``log.check_every`` steps). Only rank 0 writes files.
+``train(cfg, run_dir, resume=False) -> final metrics``. The task (:class:`moecnn.tasks.base.Task`) supplies data,
+model, losses and evaluation; this loop owns devices, DDP, precision, ``torch.compile``, optimiser, schedule,
+checkpoints, resume, the run lock, logging and the routing statistics of every MoE layer. Per step everything
+stays on the device; sums are read once per epoch (plus one small non-finite check every ``log.check_every``
+steps). Only rank 0 writes files and evaluates.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import random
@@ -17,15 +19,15 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..layers import aux_loss, moe_layers, routing
+from ..registry import TASKS
 from . import distributed as D
-from .evaluate import autocast, evaluate
-from .runs import (load_model_state, read_checkpoint, rng_state, save_config, save_json, save_torch,
-                   set_rng_state, write_meta)
+from .runs import (atomic_write_bytes, load_model_state, read_checkpoint, read_metrics, rng_state, run_lock,
+                   save_config, save_json, save_torch, set_rng_state, write_meta, write_metrics)
+
+DIVERGENCE_FACTOR = 50.0  # warn when an epoch's training loss exceeds this multiple of the first epoch's
 
 
 def seed_all(seed: int) -> None:
@@ -47,6 +49,13 @@ def set_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16/fp16 autocast on CUDA; the CPU always runs fp32."""
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
 def build_optimizer(model: nn.Module, o: DictConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -60,19 +69,24 @@ def build_optimizer(model: nn.Module, o: DictConfig, device: torch.device) -> to
 
 
 def lr_lambda(o: DictConfig, epochs: int, steps_per_epoch: int):
-    """LR factor as a function of the optimiser step (the scheduler steps every iteration)."""
+    """LR factor as a function of the optimiser step (the scheduler steps every iteration). A linear warm-up of
+    ``warmup_epochs`` starts every schedule; onecycle/cosine then decay over the remaining steps."""
     milestones = sorted(int(m) for m in o.milestones)
     warm = o.warmup_epochs * steps_per_epoch
     total = epochs * steps_per_epoch
 
     def f(step: int) -> float:
+        if step < warm:
+            ramp = (step + 1) / warm
+            if o.schedule in ("onecycle", "cosine"):
+                return ramp
+        else:
+            ramp = 1.0
         if o.schedule == "constant":
-            return 1.0
+            return ramp
         if o.schedule == "step":
             epoch = step // steps_per_epoch
-            return o.gamma ** sum(epoch >= m for m in milestones)
-        if step < warm:
-            return (step + 1) / warm
+            return ramp * o.gamma ** sum(epoch >= m for m in milestones)
         prog = min(1.0, (step - warm) / max(1.0, total - warm))
         shape = 1.0 - prog if o.schedule == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * prog))
         return o.final_lr_factor + (1.0 - o.final_lr_factor) * shape
@@ -110,12 +124,14 @@ class Progress:
         print(msg, flush=True)
 
 
-def _fmt(x: Optional[float], pct: bool = True) -> str:
-    return "-" if x is None else (f"{x:.2f}%" if pct else f"{x:.4f}")
+def _fmt(x: Optional[float], metric: str = "top1") -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2f}%" if metric.startswith("top") else f"{x:.4f}"
 
 
 def train(cfg: DictConfig, run_dir, resume: bool = False) -> Dict:
-    """Train a classification model into ``run_dir``; returns final.json's content (or a stop notice)."""
+    """Train ``cfg`` (any task) into ``run_dir``; returns final.json's content (or a stop notice)."""
     return run(cfg, run_dir, resume)[0]
 
 
@@ -125,17 +141,14 @@ def run(cfg: DictConfig, run_dir, resume: bool = False):
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return _run(cfg, run_dir, resume)
+        d = D.init(cfg.train.device, cfg.train.get("dist_backend", "auto"))
+        with run_lock(Path(run_dir), enabled=d.main):
+            return _run(cfg, Path(run_dir), resume, d)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DictConfig, run_dir, resume: bool):
-    from ..data import build_data, make_loader
-    from ..models import build_model
-
-    run_dir = Path(run_dir)
-    d = D.init(cfg.train.device, cfg.train.get("dist_backend", "auto"))
+def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
     t, o = cfg.train, cfg.optim
     set_determinism(t.deterministic)
     seed_all(t.seed)
@@ -144,49 +157,33 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
     ck = None
     if resume:
         ck = read_checkpoint(run_dir / "checkpoint.pt")
-    elif d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "checkpoint.pt").exists() or (run_dir / "final.json").exists():
-            raise ValueError(f"'{run_dir}' already holds a run; use --resume {run_dir} or another --out")
+    elif d.main and ((run_dir / "checkpoint.pt").exists() or (run_dir / "final.json").exists()):
+        raise ValueError(f"'{run_dir}' already holds a run; use --resume {run_dir} or another --out")
     D.barrier()
 
-    data_cfg = OmegaConf.to_object(cfg.data)
-    bundle = build_data(data_cfg)
-    model = build_model(cfg.model, bundle.num_classes, bundle.in_channels)
-    raw = model.to(d.device)
     channels_last = t.channels_last and cuda
+    task = TASKS.get(cfg.task)(cfg, run_dir, d.device, channels_last)
+    task.setup(train=True)
+    raw = task.build_model().to(d.device)
     if channels_last:
         raw = raw.to(memory_format=torch.channels_last)
-    layers = moe_layers(raw)
+    task.bind(raw)
+    layers = task.layers
+    static = all(getattr(m, "static_shapes", m.capacity_factor is not None) for m in layers.values())
     if cuda and not t.deterministic:
-        variable = any(m.capacity_factor is None for m in layers.values())
-        torch.backends.cudnn.benchmark = (not variable) if t.cudnn_benchmark is None else t.cudnn_benchmark
+        torch.backends.cudnn.benchmark = static if t.cudnn_benchmark is None else t.cudnn_benchmark
 
     if d.world_size > 1 and o.batch_size % d.world_size:
         raise ValueError(f"optim.batch_size={o.batch_size} (global) must be divisible by {d.world_size} ranks")
     per_rank = o.batch_size // d.world_size
-    loader = make_loader(bundle.train, per_rank, train=True, device=d.device, mean=bundle.mean, std=bundle.std,
-                         augment=data_cfg.augment, channels_last=channels_last, seed=t.seed, rank=d.rank,
-                         world_size=d.world_size, num_workers=data_cfg.num_workers,
-                         gpu_resident=data_cfg.gpu_resident)
-    if len(loader) == 0:
-        raise ValueError(f"the training set ({len(bundle.train)} images) is smaller than one batch "
-                         f"({per_rank}); lower optim.batch_size")
-    eval_bs = max(per_rank, 256)
-
-    def eval_loader(ds):
-        if ds is None or len(ds) == 0:
-            return None
-        return make_loader(ds, eval_bs, train=False, device=d.device, mean=bundle.mean, std=bundle.std,
-                           augment=None, channels_last=channels_last, num_workers=data_cfg.num_workers,
-                           gpu_resident=data_cfg.gpu_resident)
-
-    val_loader = eval_loader(bundle.val)
+    loader = task.train_loader(per_rank, seed=int(t.seed), rank=d.rank, world_size=d.world_size)
+    steps = min(len(loader), t.max_steps_per_epoch or len(loader))
+    eval_bs = t.eval_batch_size or (max(per_rank, 256) if cfg.task == "classification" else per_rank)
 
     opt = build_optimizer(raw, o, d.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, t.epochs, len(loader)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, t.epochs, steps))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.precision == "fp16")
-    start, best, streak = 0, {"epoch": None, "top1": None}, {n: 0 for n in layers}
+    start, best, streak, first_loss = 0, {"epoch": None, task.metric: None}, {}, None
     if ck is not None:
         load_model_state(raw, ck["model"], run_dir / "checkpoint.pt")
         try:
@@ -197,6 +194,7 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             raise RuntimeError(f"checkpoint optimizer/scheduler state does not fit this config ({e}); "
                                f"was the config changed?") from None
         start, best, streak = ck["epoch"], ck["best"], ck.get("collapse_streak", streak)
+        first_loss = ck.get("first_loss")
         set_rng_state(ck["rng"])
         if d.rank > 0:
             seed_all(t.seed * 1000 + start * 7919 + d.rank)
@@ -215,23 +213,20 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
 
     model = raw
     if d.enabled:
-        # find_unused_parameters only for exact dispatch, where an expert may get no images in a step
-        # (capacity dispatch runs every expert on a full buffer). No per-step buffer broadcast: BatchNorm
-        # statistics are averaged once per epoch (D.average_buffers) and the hard-constraint state is
-        # all-reduced by the MoE layer itself.
-        unused = any(m.capacity_factor is None for m in layers.values())
+        # find_unused_parameters only where an expert may get no images in a step (per-expert exact execution).
+        # No per-step buffer broadcast: BatchNorm statistics are averaged once per epoch (D.average_buffers) and
+        # the hard-constraint state is all-reduced by the MoE layer itself.
         model = nn.parallel.DistributedDataParallel(
-            raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=unused,
+            raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=not static,
             broadcast_buffers=False, gradient_as_bucket_view=True)
     if t.compile:
         model = torch.compile(model, mode=t.compile_mode)
 
     writer = None
-    if d.main and resume and (run_dir / "metrics.jsonl").exists():  # drop lines of epochs being redone
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) < start]
-        (run_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
+    if d.main and resume:  # drop lines of epochs being redone (and a torn last line)
+        write_metrics(run_dir, [r for r in read_metrics(run_dir) if r.get("epoch", 0) < start])
     if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_dir, cfg)
         write_meta(run_dir, cfg, d.device, d.world_size, resumed=resume)
         if cfg.log.tensorboard:
@@ -242,37 +237,37 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             except ImportError:
                 writer = None
     progress = Progress(cfg.log.progress, d.main)
+    metric = task.metric
     if d.main and start == 0:
         nparams = sum(p.numel() for p in raw.parameters())
-        progress.line(f"training {cfg.model.name} (moe={cfg.model.moe}, {nparams / 1e6:.2f} M params) on "
-                      f"{bundle.name}: {len(bundle.train)} train / {len(bundle.val or [])} val images, "
-                      f"{d.world_size} x {d.device}; run dir {run_dir}")
+        progress.line(f"training {cfg.model.name} ({cfg.task}, {len(layers)} MoE layer(s), {nparams / 1e6:.2f} M "
+                      f"params) on {task.info.get('dataset')}, {d.world_size} x {d.device}; run dir {run_dir}")
     elif d.main and finishing:
         progress.line(f"resuming {run_dir}: all {start} epochs are done, running the final evaluation")
     elif d.main:
         progress.line(f"resuming {run_dir} after epoch {start}")
 
     amp = lambda: autocast(d.device, t.precision)  # noqa: E731
-    ls = float(o.label_smoothing)
     stopped_early = False
     val = None
+    epoch = start - 1
     for epoch in range(start, t.epochs):
         model.train()
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
         sums: Dict[str, torch.Tensor] = {}
-        imp = {n: torch.zeros(m.num_experts, device=d.device) for n, m in layers.items()}
-        cnt = {n: torch.zeros(m.num_experts, device=d.device) for n, m in layers.items()}
-        correct = torch.zeros((), device=d.device)
-        seen = torch.zeros((), device=d.device)
+        counts: Dict[str, torch.Tensor] = {}
+        imp: Dict[str, torch.Tensor] = {}
+        cnt: Dict[str, torch.Tensor] = {}
         bad = torch.zeros((), device=d.device, dtype=torch.bool)
         n_img = 0
-        for step, (x, y) in enumerate(progress.start(loader, epoch, t.epochs)):
+        lr = opt.param_groups[0]["lr"]
+        for step, batch in enumerate(progress.start(loader, epoch, t.epochs)):
+            if step >= steps:
+                break
             with amp():
-                out = model(x)
-                task = F.cross_entropy(out.float(), y, label_smoothing=ls)
-                aux, terms = aux_loss(layers or raw)  # dense model: a zero on its device
-            loss = task + aux
+                terms, stats = task.losses(model, batch)
+            loss = torch.stack([v.float() for v in terms.values()]).sum()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if o.grad_clip:
@@ -282,59 +277,70 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             scaler.update()
             lr = opt.param_groups[0]["lr"]  # the lr this step used (a host float: no sync)
             sched.step()
-            b = y.shape[0]
+            b = task.batch_size(batch)
             n_img += b
             with torch.no_grad():
                 bad |= ~torch.isfinite(loss.detach())
-                for k, v in (("task", task), *terms.items()):
+                for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() * b
-                correct += (out.argmax(1) == y).sum()
-                seen += b
-                for n, rec in routing(layers).items():
-                    imp[n] += rec.importance.float()
-                    cnt[n] += rec.counts.float()
+                sums["_images"] = sums.get("_images", 0) + torch.full((), float(b), device=d.device)
+                for k, v in stats.items():
+                    counts[k] = counts.get(k, 0) + v.detach().float()
+                for n, rec in task.records().items():
+                    imp[n] = imp.get(n, 0) + rec.importance.float()
+                    cnt[n] = cnt.get(n, 0) + rec.counts.float()
             if (step + 1) % cfg.log.check_every == 0:
                 if D.all_reduce_sum(bad.float()).item() > 0:
-                    _nonfinite(run_dir, epoch, step)
+                    _nonfinite(run_dir, epoch, step, start)
                 progress.postfix(loss=f"{loss.item():.3f}")
         if D.all_reduce_sum(bad.float()).item() > 0:
-            _nonfinite(run_dir, epoch, len(loader) - 1)
+            _nonfinite(run_dir, epoch, steps - 1, start)
 
         D.average_buffers(raw)
         # one reduction + one host copy for all epoch statistics
-        keys = list(sums)
-        flat = torch.cat([torch.stack([sums[k] for k in keys] + [correct.float(), seen.float()])]
-                         + [imp[n] for n in layers] + [cnt[n] for n in layers])
-        vals = D.all_reduce_sum(flat).tolist()
+        keys, ckeys, units = list(sums), list(counts), list(imp)
+        parts = [torch.stack([sums[k] for k in keys] + [counts[k] for k in ckeys])]
+        parts += [imp[n] for n in units] + [cnt[n] for n in units]
+        vals = D.all_reduce_sum(torch.cat(parts)).tolist()
         elapsed = time.perf_counter() - t0
-        total_seen = vals[len(keys) + 1]
-        losses = {k: vals[i] / total_seen for i, k in enumerate(keys)}
+        total = vals[keys.index("_images")]
+        losses = {k: vals[i] / total for i, k in enumerate(keys) if k != "_images"}
+        csum = {k: vals[len(keys) + i] for i, k in enumerate(ckeys)}
         rec = {"epoch": epoch, "lr": lr,
                "train": {"loss": sum(losses.values()), **{f"loss/{k}": v for k, v in losses.items()},
-                         "top1": 100 * vals[len(keys)] / total_seen},
+                         **task.train_summary(csum)},
                "images_per_s": n_img * d.world_size / elapsed, "time_s": elapsed, "warnings": []}
-        pos = len(keys) + 2
+        pos = len(keys) + len(ckeys)
         rec["routing"] = {}
         for arr in ("importance", "routed"):
-            for n, m in layers.items():
-                v = vals[pos: pos + m.num_experts]
-                pos += m.num_experts
-                rec["routing"].setdefault(n, {})[arr] = v
+            for n in units:
+                size = len(imp[n])
+                rec["routing"].setdefault(n, {})[arr] = vals[pos: pos + size]
+                pos += size
         rec["warnings"] += routing_health(rec["routing"], streak, t.collapse_patience)
+        if first_loss is None:
+            first_loss = rec["train"]["loss"]
+        elif rec["train"]["loss"] > DIVERGENCE_FACTOR * max(first_loss, 1e-8):
+            rec["warnings"].append(f"training is diverging: loss {rec['train']['loss']:.4g} is over "
+                                   f"{DIVERGENCE_FACTOR:g}x the first epoch's ({first_loss:.4g}); lower optim.lr or set "
+                                   f"optim.grad_clip")
         last = epoch + 1 == t.epochs
-        if val_loader is not None and ((epoch + 1) % t.eval_every == 0 or last):
-            val = evaluate(raw, val_loader, bundle.num_classes, d.device, t.precision)
+        if task.has_split("val") and ((epoch + 1) % t.eval_every == 0 or last):
+            val = D.broadcast_object(task.evaluate(raw, "val", eval_bs) if d.main else None)
             rec["val"] = val
-        improved = val is not None and "val" in rec and (best["top1"] is None or val["top1"] > best["top1"])
+            if d.main and t.probe_size:
+                _append_probe(run_dir, task.probe(raw, t.probe_size), epoch)
+        improved = "val" in rec and val.get(metric) is not None and (
+            best.get(metric) is None or val[metric] > best[metric])
         if improved:
-            best = {"epoch": epoch, "top1": val["top1"]}
+            best = {"epoch": epoch, metric: val[metric]}
 
         if d.main:
-            _log(run_dir, rec, writer, progress, epoch, t.epochs)
+            _log(run_dir, rec, writer, progress, epoch, t.epochs, metric)
             state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(), "best": best,
-                     "collapse_streak": streak, "config": OmegaConf.to_container(cfg),
-                     "data": {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels}}
+                     "collapse_streak": streak, "first_loss": first_loss, "config": OmegaConf.to_container(cfg),
+                     "data": task.info}
             save_torch(run_dir / "checkpoint.pt", state)
             if improved and t.save_best:
                 save_torch(run_dir / "best.pt", {"model": state["model"], "epoch": epoch, "val": val,
@@ -344,8 +350,8 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
             stopped_early = True
             break
 
-    if finishing and val_loader is not None:  # the last epoch's validation, as an uninterrupted run reports it
-        val = evaluate(raw, val_loader, bundle.num_classes, d.device, t.precision)
+    if finishing and task.has_split("val"):  # the last epoch's validation, as an uninterrupted run reports it
+        val = D.broadcast_object(task.evaluate(raw, "val", eval_bs) if d.main else None)
     if writer is not None:
         writer.close()
     if stopped_early:
@@ -356,19 +362,58 @@ def _run(cfg: DictConfig, run_dir, resume: bool):
 
     final = None
     if d.main:
-        test_loader = eval_loader(bundle.test)
-        test = evaluate(raw, test_loader, bundle.num_classes, d.device, t.precision) if test_loader else None
-        final = {"reported": "last epoch (test set never used for selection)", "checkpoint": "checkpoint.pt",
-                 "epoch": t.epochs - 1, "seed": int(t.seed), "test": test, "val": val, "best_val": best}
+        test = task.evaluate(raw, "test", eval_bs) if "test" in task.splits and task.has_split("test") else None
+        final = {"task": cfg.task, "reported": "last epoch (test set never used for selection)",
+                 "checkpoint": "checkpoint.pt", "epoch": t.epochs - 1, "seed": int(t.seed), "metric": metric,
+                 "test": test, "val": val, "best_val": best,  # times: metrics.jsonl (moecnn table)
+                 "params": sum(p.numel() for p in raw.parameters()),
+                 "trainable_params": sum(p.numel() for p in raw.parameters() if p.requires_grad)}
         save_json(run_dir / "final.json", final)
-        msg = f"done: test top-1 {_fmt(test and test['top1'])}, top-5 {_fmt(test and test['top5'])}"
-        progress.line(f"{msg} (last epoch); val top-1 {_fmt(val and val['top1'])}. "
-                      f"Results: {run_dir / 'final.json'}, per-epoch metrics: {run_dir / 'metrics.jsonl'}")
+        head = test if test is not None else val
+        msg = f"done: {'test' if test is not None else 'val'} {metric} {_fmt(head and head.get(metric), metric)}"
+        progress.line(f"{msg} (last epoch). Results: {run_dir / 'final.json'}, per-epoch metrics: "
+                      f"{run_dir / 'metrics.jsonl'}")
     return D.broadcast_object(final), raw
+
+
+def _append_probe(run_dir: Path, probe: Optional[Dict[str, np.ndarray]], epoch: int) -> None:
+    """Add this evaluation's probe routing to RUN_DIR/probe_routing.npz (rows: evaluations, atomic rewrite).
+
+    Layout: ``epochs`` (E,), ``labels`` (P,), optional ``superlabels`` (P,), ``layers`` (L,), per layer
+    ``<layer>/top1`` E×P int16 and ``<layer>/weights`` E×P×N float16."""
+    if probe is None:
+        return
+    path = run_dir / "probe_routing.npz"
+    old: Dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            old = {k: z[k] for k in z.files}
+        if not np.array_equal(old.get("labels"), probe["labels"]) or list(old.get("layers", [])) != list(probe["layers"]):
+            old = {}  # another probe set (config changed): start over
+        else:  # drop evaluations of epochs being redone
+            keep = old["epochs"] < epoch
+            old = {k: (v[keep] if k == "epochs" or k.endswith(("/top1", "/weights")) else v) for k, v in old.items()}
+    out = {"epochs": np.append(old.get("epochs", np.zeros(0, np.int64)), epoch).astype(np.int64),
+           "labels": probe["labels"], "layers": probe["layers"], "split": probe.get("split", np.array("val"))}
+    if "superlabels" in probe:
+        out["superlabels"] = probe["superlabels"]
+    for name in probe["layers"]:
+        w = probe[f"{name}/weights"].astype(np.float16)[None]
+        top = probe[f"{name}/weights"].argmax(1).astype(np.int16)[None]
+        out[f"{name}/weights"] = np.concatenate([old[f"{name}/weights"], w]) if old else w
+        out[f"{name}/top1"] = np.concatenate([old[f"{name}/top1"], top]) if old else top
+
+    def write(p):
+        with open(p, "wb") as f:
+            np.savez_compressed(f, **out)
+
+    atomic_write_bytes(path, write)
 
 
 def _final_epochs(run_dir: Path) -> Optional[int]:
     """Number of epochs behind RUN_DIR/final.json (None when it is absent or unreadable)."""
+    import json
+
     try:
         return int(json.loads((run_dir / "final.json").read_text())["epoch"]) + 1
     except (OSError, ValueError, KeyError, TypeError):
@@ -396,15 +441,18 @@ def routing_health(stats: Dict[str, Dict], streak: Dict[str, int], patience: int
     return warnings
 
 
-def _nonfinite(run_dir: Path, epoch: int, step: int) -> None:
-    raise RuntimeError(
-        f"non-finite loss at epoch {epoch}, step {step}; training stopped. The last good checkpoint "
-        f"({run_dir / 'checkpoint.pt'}) is kept — lower optim.lr or set optim.grad_clip, then retrain "
-        f"or continue with --resume"
-    )
+def _nonfinite(run_dir: Path, epoch: int, step: int, start: int) -> None:
+    if (run_dir / "checkpoint.pt").exists() and epoch > 0:
+        kept = (f"the last good checkpoint ({run_dir / 'checkpoint.pt'}, {epoch} finished epochs) is kept — lower "
+                f"optim.lr or set optim.grad_clip, then continue with --resume or retrain")
+    else:
+        kept = "no checkpoint was written yet — lower optim.lr or set optim.grad_clip and retrain"
+    raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}; training stopped. {kept}")
 
 
-def _log(run_dir: Path, rec: Dict, writer, progress: Progress, epoch: int, epochs: int) -> None:
+def _log(run_dir: Path, rec: Dict, writer, progress: Progress, epoch: int, epochs: int, metric: str) -> None:
+    import json
+
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     if writer is not None:
@@ -422,13 +470,13 @@ def _log(run_dir: Path, rec: Dict, writer, progress: Progress, epoch: int, epoch
                 writer.add_scalar(f"routing/{n}/routed_{i}", v, epoch)
         writer.flush()
     tr = rec["train"]
-    aux = sum(v for k, v in tr.items() if k.startswith("loss/") and k != "loss/task")
+    aux = sum(v for k, v in tr.items() if k.startswith("loss/") and ("/" in k[5:] or k == "loss/aux"))
     val = rec.get("val")
+    extra = f" | train {tr['top1']:.2f}%" if "top1" in tr else ""
     progress.line(
-        f"epoch {epoch + 1}/{epochs} | loss {tr['loss']:.4f} (task {tr['loss/task']:.4f}, aux {aux:.4f}) | "
-        f"train {tr['top1']:.2f}% | val {_fmt(val and val['top1'])} | lr {rec['lr']:.2e} | "
-        f"{rec['images_per_s']:.0f} img/s"
-        + "".join(f" | living {n or 'moe'}: {r['living']}" for n, r in rec["routing"].items())
+        f"epoch {epoch + 1}/{epochs} | loss {tr['loss']:.4f} (aux {aux:.4f}){extra} | "
+        f"val {metric} {_fmt(val and val.get(metric), metric)} | lr {rec['lr']:.2e} | {rec['images_per_s']:.0f} img/s"
+        + "".join(f" | living {n or 'moe'}: {r['living']}" for n, r in rec["routing"].items() if "@" not in n)
     )
     for w in rec["warnings"]:
         progress.line(f"warning: {w}")

@@ -1,18 +1,25 @@
-"""Run directories: resolved config, metadata, atomic checkpoints and :func:`load_run`.
+"""Run directories: resolved config, metadata, atomic checkpoints, the run lock and :func:`load_run`.
 
-Layout of RUN_DIR::
+Layout of RUN_DIR (every task)::
 
-    config.yaml     resolved TrainConfig (every key)
-    meta.json       seed, git commit, torch version, device, world size, command line, start time(s)
-    metrics.jsonl   one JSON object per epoch
-    checkpoint.pt   last epoch: model, optimizer, scheduler, scaler, epoch, RNG states, best val
-    best.pt         the epoch with the highest val top-1 (model only + epoch), when train.save_best
-    final.json      test metrics of the LAST epoch (+ its val metrics); the test set never selects anything
-    tb/             TensorBoard events (when tensorboard is installed)
-    eval/           written by ``moecnn eval``
+    config.yaml         resolved config (every key)
+    meta.json           seed, moecnn version + source hash (+ git commit of moecnn's own repository), torch
+                        version, device, world size, command line, start time(s)
+    metrics.jsonl       one JSON object per epoch
+    checkpoint.pt       last epoch: model, optimizer, scheduler, scaler, epoch, RNG states, best val
+                        (tensors and plain containers only: loads with ``weights_only=True``)
+    best.pt             the epoch with the best validation metric (model + epoch), when train.save_best
+    final.json          the LAST epoch's metrics (test, when the task has a test split, and val); nothing is
+                        selected on the test set
+    probe_routing.npz   routing of a fixed probe set at every validation (train.probe_size)
+    tb/                 TensorBoard events (when tensorboard is installed)
+    eval/               written by ``moecnn eval``; every file names the checkpoint it came from
+    .lock               held by the training process (a second ``moecnn train`` on the same RUN_DIR is refused)
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -20,13 +27,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
 
+
+# --------------------------------------------------------------------------------------------- atomic files
 def atomic_write_bytes(path: Path, write) -> None:
     """``write(tmp_path)`` then ``os.replace`` so a crash never leaves a half-written file behind."""
     path = Path(path)
@@ -54,33 +64,129 @@ def _jsonable(o):
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda p: torch.save(obj, p))
+    """Atomic ``torch.save``; a failed write says which file and keeps the previous one."""
+    try:
+        atomic_write_bytes(path, lambda p: torch.save(obj, p))
+    except (OSError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"could not write '{path}' ({first}); the previous file, if any, is kept — free disk space or "
+                      f"check permissions, then continue with --resume") from None
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} '{path}' is corrupt (line {e.lineno}: {e.msg}); restore or delete it") from None
+
+
+def read_metrics(run_dir: Path) -> List[Dict]:
+    """metrics.jsonl's records. A torn last line (a kill during the append) is ignored; a bad line elsewhere is
+    an error naming the file and line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # the half-written line of an interrupted append
+            raise ValueError(f"'{path}' line {i + 1} is not JSON; repair or delete that line") from None
+    return out
+
+
+def write_metrics(run_dir: Path, records: List[Dict]) -> None:
+    atomic_write_bytes(Path(run_dir) / "metrics.jsonl",
+                       lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+# --------------------------------------------------------------------------------------------- the lock
+@contextlib.contextmanager
+def run_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold RUN_DIR/.lock (an OS file lock, released when the process ends, even by a kill) while training."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise RuntimeError(f"run directory '{run_dir}' is in use by {who}; wait for it to finish or use "
+                               f"another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"moecnn pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+# --------------------------------------------------------------------------------------------- provenance
+def source_hash() -> str:
+    """sha256 (first 16 hex digits) of moecnn's own source files, in path order."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.suffix in (".py", ".yaml") and p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def git_commit() -> Optional[str]:
+    """The commit of moecnn's own repository (``-dirty`` with uncommitted changes), or None when the package
+    does not run from a checkout of moecnn (an enclosing, unrelated repository does not count)."""
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        if top.returncode != 0:
             return None
+        pyproject = Path(top.stdout.strip()) / "pyproject.toml"
+        if not pyproject.is_file() or 'name = "moecnn"' not in pyproject.read_text():
+            return None
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(here / "runs.py")], cwd=here,
+                                 capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except Exception:
         return None
+
+
+def provenance() -> Dict[str, Any]:
+    from .. import __version__
+
+    return {"moecnn": __version__, "source_sha256": source_hash(), "git_commit": git_commit(),
+            "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
 def write_meta(run_dir: Path, cfg: DictConfig, device: torch.device, world_size: int, resumed: bool) -> None:
     path = Path(run_dir) / "meta.json"
     entry = {"start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": sys.argv,
              "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-             "world_size": world_size}
+             "world_size": world_size, **({"moecnn": provenance()["moecnn"]} if resumed else {})}
     if resumed and path.exists():
-        meta = json.loads(path.read_text())
+        meta = read_json(path, "run metadata")
         meta.setdefault("resumes", []).append(entry)
     else:
-        meta = {"seed": int(cfg.train.seed), "git_commit": git_commit(), "torch": torch.__version__,
-                "python": sys.version.split()[0], **entry}
+        meta = {"task": cfg.task, "seed": int(cfg.train.seed), **provenance(), **entry}
     save_json(path, meta)
 
 
@@ -88,6 +194,7 @@ def save_config(run_dir: Path, cfg: DictConfig) -> None:
     atomic_write_bytes(Path(run_dir) / "config.yaml", lambda p: OmegaConf.save(cfg, p))
 
 
+# --------------------------------------------------------------------------------------------- RNG
 def rng_state() -> Dict[str, Any]:
     """RNG states as tensors and plain containers (loadable with ``weights_only=True``)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
@@ -108,8 +215,10 @@ def set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+# --------------------------------------------------------------------------------------------- checkpoints
 def read_checkpoint(path: Path, map_location="cpu") -> Dict[str, Any]:
-    """Load a checkpoint with one-line errors for missing, truncated or foreign files."""
+    """Load a checkpoint (tensors and plain containers only) with one-line errors for missing, truncated,
+    foreign or crafted files."""
     from ..safeio import torch_load
 
     path = Path(path)
@@ -121,8 +230,17 @@ def read_checkpoint(path: Path, map_location="cpu") -> Dict[str, Any]:
     return ck
 
 
+def fingerprint(path: Path) -> str:
+    """sha256 (first 16 hex digits) of a checkpoint file: ties derived files (eval/, analysis/) to it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
-    """Strict load; an architecture mismatch becomes one line naming a few offending keys."""
+    """Strict load; a mismatch becomes one line naming a few offending keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -143,26 +261,50 @@ def load_config_file(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.yaml); run 'moecnn train --out DIR' first")
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:
+        raise ValueError(f"'{path}' is not valid YAML ({str(e).splitlines()[0]}); restore it") from None
+    if not isinstance(cfg, DictConfig) or not cfg:
+        raise ValueError(f"'{path}' is empty or not a mapping; restore it from a copy of the run, or retrain")
+    return cfg
 
 
-def load_run(run_dir, which: str = "last", device="cpu", data: bool = True) -> Tuple[torch.nn.Module, DictConfig, Any]:
-    """(model in eval mode on ``device``, resolved config, DataBundle or None) of a classification run.
+def checkpoint_path(run_dir: Path, which: str = "last") -> Path:
+    """``last`` → checkpoint.pt, ``best`` → best.pt, else ``which`` is a file path; exported folders (no
+    checkpoint) give their model.safetensors."""
+    run_dir = Path(run_dir)
+    if which in CHECKPOINTS:
+        p = run_dir / CHECKPOINTS[which]
+        if not p.is_file() and which == "last" and (run_dir / "model.safetensors").is_file():
+            return run_dir / "model.safetensors"
+        return p
+    return Path(which)
 
-    ``which``: "last" (checkpoint.pt), "best" (best.pt) or a path to a checkpoint file.
-    """
-    from ..data import build_data
-    from ..models import build_model
-    from .config import TrainConfig, load_config
+
+def load_run(run_dir, which: str = "last", device="cpu", data: bool = True, split: Optional[str] = None):
+    """(model in eval mode on ``device``, resolved config, task) of a run directory or an exported folder.
+
+    ``which``: "last" (checkpoint.pt), "best" (best.pt) or a checkpoint path. With ``data`` the task's data is
+    built (``task.bundle`` for classification); without, the model is rebuilt from the checkpoint's metadata."""
+    from ..registry import TASKS
+    from ..safeio import read_state_dict
+    from .config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_config(schema=TrainConfig, base=load_config_file(run_dir))
-    path = {"last": run_dir / "checkpoint.pt", "best": run_dir / "best.pt"}.get(which, Path(which))
-    bundle = build_data(cfg.data) if data else None
-    ck = read_checkpoint(path)
-    meta = ck.get("data", {})
-    num_classes = bundle.num_classes if bundle is not None else meta["num_classes"]
-    in_channels = bundle.in_channels if bundle is not None else meta["in_channels"]
-    model = build_model(cfg.model, num_classes, in_channels)
-    load_model_state(model, ck["model"], path)
-    return model.to(device).eval(), cfg, bundle
+    cfg = load_config(base=load_config_file(run_dir))
+    path = checkpoint_path(run_dir, which)
+    task = TASKS.get(cfg.task)(cfg, run_dir, torch.device(device))
+    if path.suffix == ".safetensors":
+        state, info = read_state_dict(path), read_json(run_dir / "moecnn.json", "model info").get("data", {})
+    else:
+        ck = read_checkpoint(path)
+        state, info = ck["model"], ck.get("data", {})
+    if data:
+        task.setup(train=False)
+    else:
+        task.info = dict(info)
+    model = task.build_model(for_loading=True)
+    load_model_state(model, state, path)
+    task.bind(model)
+    return model.to(device).eval(), cfg, task

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .runs import read_metrics
+
 COLUMNS = ["run", "epochs", "test_top1", "k_sweep", "tta_flip", "nmi_superclass", "nmi_null_max", "train_s",
            "median_epoch_s", "images_per_s", "first_epoch_s"]
 NUMERIC = ["test_top1", "tta_flip", "nmi_superclass", "nmi_null_max", "train_s", "median_epoch_s", "images_per_s",
@@ -54,13 +56,11 @@ def run_row(run: Path) -> Dict[str, Any]:
     row: Dict[str, Any] = {c: None for c in COLUMNS + ["val_ap"]}
     row["run"], row["config"] = run.name, cfg
     times, speeds = [], []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            t = rec.get("time_s", rec.get("train_time_s"))  # classification / detection loop
-            if t is not None:
-                times.append(t)
-                speeds += [rec["images_per_s"]] if rec.get("images_per_s") is not None else []
+    for rec in read_metrics(run):
+        t = rec.get("time_s", rec.get("train_time_s"))  # train_time_s: detection runs of moecnn 0.1
+        if t is not None:
+            times.append(t)
+            speeds += [rec["images_per_s"]] if rec.get("images_per_s") is not None else []
     total = (cfg.get("train") or {}).get("epochs") or (cfg.get("optim") or {}).get("epochs")
     row["epochs"] = f"{len(times)}/{total}" if total else str(len(times))
     if times:
@@ -71,7 +71,9 @@ def run_row(run: Path) -> Dict[str, Any]:
         row["test_top1"] = ev.get("top1")
     elif final is not None and final.get("test"):
         row["test_top1"] = final["test"].get("top1")
-    row["val_ap"] = final.get("AP") if final is not None and final.get("task") == "detection" else None
+    if cfg.get("task") == "detection":
+        val = _json(run / "eval" / "val.json") or (final or {}).get("val") or {}
+        row["val_ap"] = val.get("AP", (final or {}).get("AP"))
     ks = _json(run / "eval" / "k_sweep.json")
     if ks and ks.get("results"):
         row["k_sweep"] = {int(k): v["top1"] for k, v in ks["results"].items()}
