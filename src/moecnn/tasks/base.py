@@ -81,6 +81,10 @@ class Task:
         """Epoch metrics from the summed counts (e.g. top-1 from correct / seen)."""
         return {}
 
+    def reference_loss(self) -> Optional[float]:
+        """A loss no sensible training exceeds by far (divergence warnings); None = the first epoch's loss."""
+        return None
+
     def records(self) -> Dict[str, RoutingRecord]:
         """Routing of the last forward by unit name (one MoE layer, or one layer at one FPN level)."""
         return routing(self.layers)

@@ -190,6 +190,10 @@ class Classification(Task):
     def batch_size(self, batch) -> int:
         return int(batch[1].shape[0])
 
+    def reference_loss(self) -> float:
+        """Cross-entropy of a uniform guess, ln(classes)."""
+        return float(np.log(max(self.info["num_classes"], 2)))
+
     def train_summary(self, counts: Dict[str, float]) -> Dict[str, float]:
         return {"top1": 100 * counts["correct"] / max(counts["seen"], 1)}
 

@@ -6,7 +6,6 @@ The detector computes its own losses (torchvision's focal and box losses plus th
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -51,7 +50,6 @@ def evaluate_model(model, dataset, device: torch.device | str = "cpu", batch_siz
                         collate_fn=collate_detection, num_workers=num_workers)
     results, ids = [], []
     per_expert: Dict[int, int] = {}
-    t0 = time.perf_counter()
     for images, targets in loader:
         images, _ = _to_device(images, None, device)
         with _autocast(device, precision):
@@ -64,15 +62,13 @@ def evaluate_model(model, dataset, device: torch.device | str = "cpu", batch_siz
                 for e in o["experts"].tolist():
                     per_expert[int(e)] = per_expert.get(int(e), 0) + 1
         ids.extend(img_ids)
-    elapsed = time.perf_counter() - t0
     model.train(was)
     gt = dataset.subset_gt()
     keep = set(ids)
     gt["images"] = [im for im in gt["images"] if im["id"] in keep]
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
     metrics = coco_evaluate(gt, results, backend=backend)
-    metrics.update(num_images=len(ids), eval_images_per_s=len(ids) / max(elapsed, 1e-9),
-                   detections_per_expert={str(k): v for k, v in sorted(per_expert.items())})
+    metrics.update(num_images=len(ids), detections_per_expert={str(k): v for k, v in sorted(per_expert.items())})
     return metrics
 
 

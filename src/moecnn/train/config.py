@@ -279,6 +279,10 @@ def load_config(
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         raise _friendly(e, structured) from None
+    keys = {d.split("=", 1)[0] for d in overrides}
+    if "model.source" in keys and cfg.model.get("source", "moecnn") != "moecnn" and "model.moe" not in keys:
+        cfg.model.moe = "none"  # the preset's placement belongs to its own (moecnn) model
+        cfg.model.width = None
     validate(cfg)
     return cfg
 

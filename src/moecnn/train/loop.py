@@ -27,7 +27,7 @@ from . import distributed as D
 from .runs import (atomic_write_bytes, load_model_state, read_checkpoint, read_metrics, rng_state, run_lock,
                    save_config, save_json, save_torch, set_rng_state, write_meta, write_metrics)
 
-DIVERGENCE_FACTOR = 50.0  # warn when an epoch's training loss exceeds this multiple of the first epoch's
+DIVERGENCE_FACTOR = 50.0  # warn when an epoch's training loss exceeds this multiple of the task's reference loss
 
 
 def seed_all(seed: int) -> None:
@@ -320,10 +320,11 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
         rec["warnings"] += routing_health(rec["routing"], streak, t.collapse_patience)
         if first_loss is None:
             first_loss = rec["train"]["loss"]
-        elif rec["train"]["loss"] > DIVERGENCE_FACTOR * max(first_loss, 1e-8):
-            rec["warnings"].append(f"training is diverging: loss {rec['train']['loss']:.4g} is over "
-                                   f"{DIVERGENCE_FACTOR:g}x the first epoch's ({first_loss:.4g}); lower optim.lr or set "
-                                   f"optim.grad_clip")
+        ref = task.reference_loss() or first_loss
+        if rec["train"]["loss"] > DIVERGENCE_FACTOR * max(ref, 1e-8):
+            rec["warnings"].append(f"training is diverging: loss {rec['train']['loss']:.4g} is over {DIVERGENCE_FACTOR:g}x "
+                                   f"{'that of a uniform guess' if task.reference_loss() else 'the first epoch'} "
+                                   f"({ref:.4g}); lower optim.lr or set optim.grad_clip")
         last = epoch + 1 == t.epochs
         if task.has_split("val") and ((epoch + 1) % t.eval_every == 0 or last):
             val = D.broadcast_object(task.evaluate(raw, "val", eval_bs) if d.main else None)
