@@ -26,7 +26,7 @@ __all__ = [
     "MoE", "RoutingRecord", "moeify", "moe_layers", "routing", "aux_loss", "set_routing", "set_k",
     "force_expert", "set_dense", "disable_experts", "reset_routing", "routing_override",
     "GATES", "LOSSES", "CONSTRAINTS", "MODELS", "DETECTORS", "PLACEMENTS", "SOURCES", "TASKS", "DATASETS",
-    "create_model", "list_models",
+    "create_model", "list_models", "from_pretrained",
 ]
 
 
@@ -35,6 +35,13 @@ def create_model(name: str, **kwargs):
     from .models import create_model as _create
 
     return _create(name, **kwargs)
+
+
+def from_pretrained(source, device: str = "cpu"):
+    """A model exported with ``moecnn export`` (a folder) or pushed to the Hugging Face Hub (a repo id)."""
+    from .export import from_pretrained as _load
+
+    return _load(source, device)
 
 
 def list_models():

@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--format", default="md", choices=["md", "csv", "json"])
     tb.add_argument("--out", help="also write the table to this file")
 
+    x = sub.add_parser("export", help="share a trained model: model.safetensors + config + model card (README.md)",
+                       description="Write OUT/model.safetensors, config.yaml, moecnn.json and a model card README.md "
+                       "generated from the run's files. Load it with moecnn.from_pretrained(OUT); 'moecnn eval/analyze/"
+                       "report OUT' work on it like on a run directory.")
+    x.add_argument("run_dir")
+    x.add_argument("--out", "-o", required=True, help="a new folder")
+    x.add_argument("--which", default="last", help="checkpoint: last (default), best or a file path")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hugging Face Hub repository")
+
     sub.add_parser("info", help="versions, devices and registered models/gates/losses/constraints")
     return p
 
@@ -243,6 +252,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run, load_folder
+
+    out = export_run(args.run_dir, args.out, which=args.which)
+    print(f"exported {args.run_dir} ({args.which}) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    if args.push_to_hub:
+        url = load_folder(out).push_to_hub(args.push_to_hub)
+        print(f"pushed to {url}")
+    return 0
+
+
 def cmd_table(args) -> int:
     from .train.table import table
 
@@ -255,7 +275,7 @@ def cmd_table(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "analyze": cmd_delegated,
             "report": cmd_delegated, "compare": cmd_delegated, "data": cmd_delegated, "table": cmd_table,
-            "info": cmd_info}
+            "export": cmd_export, "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -269,6 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd is None:
         parser.print_help()
         return 0
+    from .train import runs
+
+    runs.COMMAND = ["moecnn", *(sys.argv[1:] if argv is None else argv)]
     try:
         return COMMANDS[args.cmd](args) or 0
     except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as e:

@@ -175,8 +175,8 @@ class Classification(Task):
         from ..models.builder import build_classifier
 
         m = self.cfg.model
-        if for_loading and m.init_from:  # the checkpoint supplies every tensor
-            m = OmegaConf.merge(m, {"init_from": None})
+        if for_loading:  # the checkpoint supplies every tensor: no warm start, no download
+            m = OmegaConf.merge(m, {"init_from": None, "pretrained": False})
         return build_classifier(m, self.info["num_classes"], self.info["in_channels"])
 
     # ------------------------------------------------------------------ training step

@@ -177,9 +177,12 @@ def provenance() -> Dict[str, Any]:
             "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
+COMMAND: Optional[List[str]] = None  # set by the command line (``moecnn ...`` as typed); else sys.argv
+
+
 def write_meta(run_dir: Path, cfg: DictConfig, device: torch.device, world_size: int, resumed: bool) -> None:
     path = Path(run_dir) / "meta.json"
-    entry = {"start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": sys.argv,
+    entry = {"start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": COMMAND or sys.argv,
              "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
              "world_size": world_size, **({"moecnn": provenance()["moecnn"]} if resumed else {})}
     if resumed and path.exists():
