@@ -1,12 +1,20 @@
 """Training throughput of RetinaNet with dense vs MoE heads, measured side by side in one run
-(a benchmark, not a test).
+(a benchmark, not a test), against the FLOP bound of k full-head experts.
 
-    python benchmarks/bench_detection.py [--device cuda] [--arch resnet50] [--steps 30] [--batch 8]
-        [--image-size 512] [--routing level] [--bf16] [--freeze-backbone] [--out results.json]
+    python benchmarks/bench_detection.py [--device cuda] [--arch resnet18] [--steps 30] [--batch 8]
+        [--image-size 512] [--routing level anchor] [--executions default stacked per_expert capacity]
+        [--bf16] [--freeze-backbone] [--out results.json]
 
 Generates a small shapes set (moecnn.data.shapes) in a temporary folder, then for each model trains
 ``--steps`` optimizer steps (after ``--warmup`` steps) on the same batches and prints images/s of each and
 the ratio MoE / dense. Data loading is excluded (batches are preloaded onto the device).
+
+The FLOP bound: with k experts per routed unit, each MoE head does k times the work of a dense head, so a
+compute-bound MoE step can at best run at F_dense / (F_dense + (k − 1) · F_heads) of the dense speed, where
+F are the forward + backward FLOPs of one training step (``torch.utils.flop_counter``) and F_heads those of
+the dense classification and regression heads. Per-anchor routing mixes the experts per feature-map position,
+and a 3×3 tower's receptive fields overlap, so every expert runs on every position: its bound uses N instead
+of k. "of bound" = measured ratio / FLOP-bound ratio.
 """
 from __future__ import annotations
 
@@ -51,6 +59,26 @@ def bench(model, batches, device, steps, warmup, bf16) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def step_flops(model, batch) -> tuple:
+    """(total, heads) forward + backward FLOPs of one training step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images, targets = batch
+    model.train()
+    with FlopCounterMode(display=False) as fc:
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    by_module = fc.get_flop_counts()
+    heads = sum(sum(v.values()) for k, v in by_module.items() if k.endswith(".head") or k == "head"
+                or k.rsplit(".", 1)[-1] == "head")
+    return fc.get_total_flops(), heads
+
+
+EXECUTIONS = {"default": {}, "stacked": {"stacked": True}, "per_expert": {"stacked": False},
+              "capacity": {"capacity_factor": 1.25}}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -61,7 +89,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--k", type=int, default=2)
-    p.add_argument("--routing", default="level", choices=["level", "anchor"])
+    p.add_argument("--routing", nargs="+", default=["level"], choices=["level", "anchor"])
+    p.add_argument("--executions", nargs="+", default=["default"], choices=list(EXECUTIONS))
     p.add_argument("--moe-heads", default="both", choices=["both", "cls", "reg"])
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--freeze-backbone", action="store_true")
@@ -84,26 +113,36 @@ def main(argv=None) -> dict:
 
     common = dict(num_classes=ds.num_classes, min_size=args.image_size, max_size=args.image_size,
                   freeze_backbone=args.freeze_backbone, anchor_sizes=(16, 32, 64, 128, 256))
-    results = {"device": str(device), "arch": args.arch, "batch": args.batch, "image_size": args.image_size,
-               "steps": args.steps, "bf16": args.bf16, "routing": args.routing}
+    results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+               "arch": args.arch, "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
+               "bf16": args.bf16, "num_experts": args.num_experts, "k": args.k, "rows": []}
     dense = create_model(f"retinanet_{args.arch}_fpn", **common).to(device)
-    results["dense_images_per_s"] = bench(dense, batches, device, args.steps, args.warmup, args.bf16)
+    f_total, f_heads = step_flops(dense, batches[0])
+    bounds = {r: f_total / (f_total + ((args.k if r == "level" else args.num_experts) - 1) * f_heads)
+              for r in ("level", "anchor")}
+    bound = bounds["level"]
+    results.update(dense_images_per_s=bench(dense, batches, device, args.steps, args.warmup, args.bf16),
+                   step_gflops=f_total / 1e9, head_share=f_heads / f_total, flop_bound_ratio=bounds)
     del dense
-    moe = create_model(f"retinanet_{args.arch}_fpn_moe", num_experts=args.num_experts, k=args.k,
-                       routing=args.routing, moe_heads=args.moe_heads, **common).to(device)
-    results["moe_images_per_s"] = bench(moe, batches, device, args.steps, args.warmup, args.bf16)
-    results["ratio_moe_over_dense"] = results["moe_images_per_s"] / results["dense_images_per_s"]
-    del moe
-    stk = create_model(f"retinanet_{args.arch}_fpn_moe", num_experts=args.num_experts, k=args.k,
-                       routing=args.routing, moe_heads=args.moe_heads, stacked=True, **common).to(device)
-    results["moe_stacked_images_per_s"] = bench(stk, batches, device, args.steps, args.warmup, args.bf16)
-    results["ratio_moe_stacked_over_dense"] = results["moe_stacked_images_per_s"] / results["dense_images_per_s"]
-    print(f"dense RetinaNet {args.arch}-FPN: {results['dense_images_per_s']:.2f} images/s")
-    print(f"MoE   RetinaNet {args.arch}-FPN (N={args.num_experts}, k={args.k}, {args.routing}, "
-          f"{args.moe_heads}): {results['moe_images_per_s']:.2f} images/s")
-    print(f"ratio MoE / dense: {results['ratio_moe_over_dense']:.3f}")
-    print(f"MoE, stacked experts: {results['moe_stacked_images_per_s']:.2f} images/s, "
-          f"ratio / dense: {results['ratio_moe_stacked_over_dense']:.3f}")
+    for routing in args.routing:
+        for ex in args.executions:
+            torch.manual_seed(0)
+            moe = create_model(f"retinanet_{args.arch}_fpn_moe", num_experts=args.num_experts, k=args.k,
+                               routing=routing, moe_heads=args.moe_heads, **EXECUTIONS[ex], **common).to(device)
+            ips = bench(moe, batches, device, args.steps, args.warmup, args.bf16)
+            ratio = ips / results["dense_images_per_s"]
+            results["rows"].append({"routing": routing, "execution": ex, "images_per_s": ips, "ratio": ratio,
+                                    "bound": bounds[routing], "of_bound": ratio / bounds[routing]})
+            del moe
+    print(f"RetinaNet {args.arch}-FPN, {args.image_size} px, batch {args.batch}, bf16={args.bf16}, "
+          f"{results['device']}: dense {results['dense_images_per_s']:.1f} images/s; heads are "
+          f"{100 * results['head_share']:.0f}% of the step's {results['step_gflops']:.0f} GFLOP, so k={args.k} "
+          f"full-head experts bound the MoE at {bound:.3f}x dense (per-anchor routing, all {args.num_experts} "
+          f"experts: {bounds['anchor']:.3f}x)")
+    print("| routing | execution | images/s | MoE / dense | FLOP bound | of bound |\n|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['routing']} | {r['execution']} | {r['images_per_s']:.1f} | {r['ratio']:.3f} | {r['bound']:.3f} | "
+              f"{100 * r['of_bound']:.0f}% |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
