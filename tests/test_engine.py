@@ -377,3 +377,21 @@ def test_provenance_names_moecnn_not_an_enclosing_repository(tmp_path, monkeypat
     out = subprocess.run([sys.executable, "-c", code, str(outer / "vendor")], capture_output=True, text=True,
                          env=_env())
     assert out.stdout.strip() == "None", out.stderr[-500:]
+
+
+def test_eval_results_of_an_earlier_checkpoint_are_not_reported(stopped, tmp_path, capsys):
+    """train 1 epoch → eval → --resume to 2 epochs: the eval files name the old checkpoint, so moecnn table
+    reports final.json's number instead of the stale one (the analyses check the same fingerprint)."""
+    from moecnn.train.runs import checkpoint_path, fingerprint, is_current
+
+    d = _copy(stopped, tmp_path)
+    assert main(["eval", str(d), "--device", "cpu"]) == 0
+    old = json.loads((d / "eval" / "test.json").read_text())
+    assert old["checkpoint_sha256"] == fingerprint(checkpoint_path(d)) and is_current(d, old)
+    assert main(["train", "--resume", str(d)]) == 0
+    assert not is_current(d, old)
+    capsys.readouterr()
+    assert main(["table", str(d), "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    final = json.loads((d / "final.json").read_text())
+    assert row["test_top1"] == pytest.approx(final["test"]["top1"]) and row.get("stale_eval") and not row["k_sweep"]

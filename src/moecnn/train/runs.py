@@ -233,13 +233,29 @@ def read_checkpoint(path: Path, map_location="cpu") -> Dict[str, Any]:
     return ck
 
 
+_FINGERPRINTS: Dict[Tuple[str, int, int], str] = {}
+
+
 def fingerprint(path: Path) -> str:
     """sha256 (first 16 hex digits) of a checkpoint file: ties derived files (eval/, analysis/) to it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
+def is_current(run_dir: Path, derived: Optional[Dict]) -> bool:
+    """Whether a derived file's record (``checkpoint`` + ``checkpoint_sha256``, as ``moecnn eval`` writes them)
+    belongs to the run's checkpoint as it is now. Records without a fingerprint (moecnn 0.1) count as current."""
+    if not derived or not derived.get("checkpoint_sha256"):
+        return True
+    path = checkpoint_path(Path(run_dir), str(derived.get("checkpoint", "last")))
+    return path.is_file() and fingerprint(path) == derived["checkpoint_sha256"]
 
 
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .runs import read_metrics
+from .runs import is_current, read_metrics
 
 COLUMNS = ["run", "epochs", "test_top1", "k_sweep", "tta_flip", "nmi_superclass", "nmi_null_max", "train_s",
            "median_epoch_s", "images_per_s", "first_epoch_s"]
@@ -67,18 +67,22 @@ def run_row(run: Path) -> Dict[str, Any]:
         row["train_s"], row["median_epoch_s"], row["first_epoch_s"] = sum(times), statistics.median(times), times[0]
         row["images_per_s"] = statistics.median(speeds) if speeds else None
     ev, final = _json(run / "eval" / "test.json"), _json(run / "final.json")
+    if not is_current(run, ev):  # from an earlier checkpoint of this run (e.g. before --resume): not shown
+        ev = None
+        row["stale_eval"] = True
     if ev is not None:
         row["test_top1"] = ev.get("top1")
     elif final is not None and final.get("test"):
         row["test_top1"] = final["test"].get("top1")
     if cfg.get("task") == "detection":
-        val = _json(run / "eval" / "val.json") or (final or {}).get("val") or {}
+        ev_val = _json(run / "eval" / "val.json")
+        val = (ev_val if is_current(run, ev_val) else None) or (final or {}).get("val") or {}
         row["val_ap"] = val.get("AP", (final or {}).get("AP"))
     ks = _json(run / "eval" / "k_sweep.json")
-    if ks and ks.get("results"):
+    if ks and ks.get("results") and is_current(run, ks):
         row["k_sweep"] = {int(k): v["top1"] for k, v in ks["results"].items()}
     tta = _json(run / "eval" / "test_tta_flip.json")
-    row["tta_flip"] = tta.get("top1") if tta else None
+    row["tta_flip"] = tta.get("top1") if tta and is_current(run, tta) else None
     an = _json(run / "analysis" / "summary.json")
     head = (an or {}).get("headline") or {}
     layer = next((v for k, v in head.items() if not k.startswith("_") and isinstance(v, dict)), None)
