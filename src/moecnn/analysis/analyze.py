@@ -37,7 +37,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             superclass_names: Optional[Sequence[str]] = None, class_to_super: Optional[Sequence[int]] = None,
             accuracy: Optional[Dict] = None, model=None, seed: int = 0, n_extreme: int = 8,
             compute_accuracy_with_model: bool = True, progress: bool = True, attribution: int = 0,
-            attribution_examples: int = 4, ig_steps: int = 32, concepts=None, alpha: float = 0.05,
+            attribution_examples: int = 4, ig_steps: int = 16, concepts=None, alpha: float = 0.05,
             mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Dict:
     """Run every routing analysis of SPEC §4 and write RUN_DIR/analysis/{summary.json, figures/*.png}.
 

@@ -20,10 +20,15 @@ gradient and only the logit is attributed.
 
 **Expert contribution**: the model's logits with the layer's own routing against the layer forced to expert i
 (:func:`moecnn.layers.routing_override` ``force=i, layer=name``); IG of the difference in the true-class logit.
+All N + 1 routings share one forward of the network before the layer: the input of the layer (or of the
+innermost enclosing block for which this works, e.g. a residual block whose skip connection bypasses the layer)
+is repeated along the batch and each copy routed under one setting; the result is checked on 8 images against
+separate forwards, which are used instead when no block passes.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -62,26 +67,36 @@ def gate_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Ten
     raise RuntimeError("the model's forward did not reach the MoE layer")
 
 
-def gate_outputs(layer: nn.Module, feat: torch.Tensor, what: str = "logit") -> torch.Tensor:
+def chosen_experts(layer: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Bool mask, the shape of the raw gate ``logits`` (B×N or B×N×H×W): the experts the layer routes each image
+    (pixel) to in eval mode — the top-k of the logits, disabled experts excluded."""
+    lg = logits.detach()
+    if layer.disabled:
+        blocked = torch.zeros(layer.num_experts, dtype=torch.bool, device=lg.device)
+        blocked[list(layer.disabled)] = True
+        lg = lg.masked_fill(blocked.view(1, -1, *[1] * (lg.dim() - 2)), float("-inf"))
+    idx = lg.topk(layer.active_k, dim=1).indices
+    return torch.zeros_like(lg, dtype=torch.bool).scatter(1, idx, True)
+
+
+def gate_outputs(layer: nn.Module, feat: torch.Tensor, what: str = "logit",
+                 chosen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """B×N gate logits (``what="logit"``) or routing weights (``"weight"``) of ``layer`` for its input ``feat``
-    (undetached; per-pixel gates averaged over pixels)."""
+    (undetached; per-pixel gates averaged over pixels).
+
+    The weight is the softmax of the logits over the chosen experts, 0 elsewhere — the layer's weight. ``chosen``
+    (a :func:`chosen_experts` mask) fixes which experts are chosen (for IG along a path, so that the function
+    stays continuous); by default they are the top-k at ``feat``.
+    """
     logits = layer.gate(feat.float()).float()
     spatial = logits.dim() == 4
     if what == "logit":
         return logits.mean((2, 3)) if spatial else logits
     if what != "weight":
         raise ValueError(f"what must be 'logit' or 'weight', got '{what}'")
-    n = layer.num_experts
-    units = logits.movedim(1, -1).reshape(-1, n) if spatial else logits
-    if layer.disabled:
-        blocked = torch.zeros(n, dtype=torch.bool, device=units.device)
-        blocked[list(layer.disabled)] = True
-        units = units.masked_fill(blocked, float("-inf"))
-    vals, idx = units.topk(layer.active_k, dim=1)
-    w = torch.zeros_like(units).scatter(1, idx, torch.softmax(vals, dim=1))
-    if spatial:
-        w = w.view(logits.shape[0], *logits.shape[2:], n).movedim(-1, 1).mean((2, 3))
-    return w
+    mask = chosen_experts(layer, logits) if chosen is None else chosen.to(logits.device)
+    w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+    return w.mean((2, 3)) if spatial else w
 
 
 def _layer(model: nn.Module, name: str):
@@ -91,6 +106,43 @@ def _layer(model: nn.Module, name: str):
     if name not in layers:
         raise ValueError(f"no MoE layer named '{name}' in the model; layers: {', '.join(layers) or '(none)'}")
     return layers[name]
+
+
+def _chosen_at(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's chosen-expert mask for the images ``x`` (see :func:`chosen_experts`)."""
+    with torch.no_grad():
+        return chosen_experts(layer, layer.gate(gate_input(model, layer, x).float()).float())
+
+
+@contextlib.contextmanager
+def _patched_forward(layer: nn.Module, fn: Callable):
+    """``layer.forward`` is ``fn`` inside the block (an instance attribute; the previous one comes back)."""
+    prev = layer.__dict__.get("forward")
+    layer.forward = fn
+    try:
+        yield
+    finally:
+        if prev is None:
+            del layer.forward
+        else:
+            layer.forward = prev
+
+
+@contextlib.contextmanager
+def _fixed_sets(layer: nn.Module, holder: Dict[str, torch.Tensor]):
+    """Inside the block, the gate's logits outside the mask ``holder["mask"]`` (a :func:`chosen_experts` mask,
+    one row per image of the layer's input batch) are −inf, so the layer's top-k keeps choosing those experts
+    while their softmax weights still follow the gate. Used to integrate along a path on which top-k would
+    switch experts."""
+    gate_forward = layer.gate.forward
+
+    def fixed(x, *args, **kwargs):
+        out = gate_forward(x, *args, **kwargs)
+        mask = holder.get("mask")
+        return out if mask is None else out.masked_fill(~mask.to(out.device), float("-inf"))
+
+    with _patched_forward(layer.gate, fixed):
+        yield
 
 
 def upsample(maps: np.ndarray | torch.Tensor, size: Sequence[int]) -> np.ndarray:
@@ -104,19 +156,38 @@ def upsample(maps: np.ndarray | torch.Tensor, size: Sequence[int]) -> np.ndarray
     return up.reshape(*lead, *up.shape[-2:]).numpy()
 
 
-def _ig_pixels(fn: Callable, x: torch.Tensor, target, steps: int, internal_batch: int) -> np.ndarray:
+def _ig_pixels(fn: Callable, x: torch.Tensor, target, steps: int, internal_batch: int, deltas: Optional[list] = None,
+               extra: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Signed K×H×W IG maps (summed over channels) of ``fn(x[, extra])``; ``extra`` (one row per image) is passed
+    along every step (captum ``additional_forward_args``). Appends (|convergence delta|, |f(x) − f(baseline)|)
+    pairs to ``deltas`` (captum's completeness check)."""
     from captum.attr import IntegratedGradients
 
     if len(x) == 0:
         return np.zeros((0, *x.shape[-2:]), dtype=np.float32)
     ig = IntegratedGradients(fn)
-    a = ig.attribute(x, baselines=torch.zeros_like(x), target=target, n_steps=steps,
-                     internal_batch_size=internal_batch)
+    base = torch.zeros_like(x)
+    args = (extra,) if extra is not None else ()
+    a, delta = ig.attribute(x, baselines=base, target=target, n_steps=steps, internal_batch_size=internal_batch,
+                            additional_forward_args=args or None, return_convergence_delta=True)
+    if deltas is not None:
+        with torch.no_grad():
+            idx = torch.as_tensor(target, device=x.device).view(-1, 1)
+            change = (fn(x, *args).gather(1, idx) - fn(base, *args).gather(1, idx)).abs().view(-1)
+        deltas.extend(zip(delta.detach().abs().cpu().tolist(), change.cpu().tolist()))
     return a.detach().sum(1).float().cpu().numpy()
 
 
+def _relative_delta(deltas: list) -> Optional[float]:
+    """Σ|convergence delta| / Σ|f(x) − f(baseline)| over the attributed examples (0 = exact completeness)."""
+    if not deltas:
+        return None
+    d, c = np.asarray(deltas, dtype=np.float64).T
+    return float(d.sum() / c.sum()) if c.sum() > 0 else None
+
+
 def gate_attribution(model: nn.Module, layer_name: str, x: torch.Tensor, *, n_examples: int = 4,
-                     ig_steps: int = 32, batch_size: int = 200, ig_batch: int = 64) -> Dict[str, object]:
+                     ig_steps: int = 16, batch_size: int = 200, ig_batch: int = 64) -> Dict[str, object]:
     """Grad-CAM (all images, every expert) and IG (examples) of the gate of MoE layer ``layer_name``.
 
     ``x``: normalised M×C×H×W float input. Returns numpy arrays:
@@ -124,7 +195,7 @@ def gate_attribution(model: nn.Module, layer_name: str, x: torch.Tensor, *, n_ex
     M×N×h×w at the gate input's resolution}, ``examples`` (per expert the indices of up to ``n_examples``
     images routed to it, highest weight first), ``ig`` {"logit"[, "weight"]: list per expert of K×H×W signed
     pixel maps of the expert's own output on its examples}, ``targets`` (the attributed outputs) and
-    ``feature_size`` (h, w).
+    ``feature_size`` (h, w), ``ig_relative_delta`` {target: Σ|IG completeness error| / Σ|f(x) − f(baseline)|}.
     """
     from captum.attr import LayerGradCam
 
@@ -134,6 +205,7 @@ def gate_attribution(model: nn.Module, layer_name: str, x: torch.Tensor, *, n_ex
     was = model.training
     model.eval()
     logits, weights, cams = [], [], {t: [] for t in targets}
+    t0 = time.perf_counter()
     try:
         for s in range(0, len(x), batch_size):
             with torch.no_grad():
@@ -153,17 +225,26 @@ def gate_attribution(model: nn.Module, layer_name: str, x: torch.Tensor, *, n_ex
             idx = np.flatnonzero(top1 == e)
             order = idx[np.lexsort((idx, -weights_a[idx, e], -logits_a[idx, e]))] if idx.size else idx
             examples.append(order[:n_examples].tolist())
+        t_cam = time.perf_counter() - t0
         ig: Dict[str, List[np.ndarray]] = {}
+        ig_delta: Dict[str, Optional[float]] = {}
         for t in targets:
-            def fn(inp, t=t):
-                return gate_outputs(layer, gate_input(model, layer, inp), t)
+            def fn(inp, chosen=None, t=t):
+                return gate_outputs(layer, gate_input(model, layer, inp), t, chosen)
 
-            ig[t] = [_ig_pixels(fn, x[ids], [e] * len(ids), ig_steps, ig_batch) for e, ids in enumerate(examples)]
+            deltas: list = []
+            ig[t] = []
+            for e, ids in enumerate(examples):
+                chosen = _chosen_at(model, layer, x[ids]) if t == "weight" and ids else None
+                ig[t].append(_ig_pixels(fn, x[ids], [e] * len(ids), ig_steps, ig_batch, deltas, chosen))
+            ig_delta[t] = _relative_delta(deltas)
     finally:
         model.train(was)
     return {"logits": logits_a, "weights": weights_a, "top1": top1,
             "gradcam": {t: np.concatenate(v) for t, v in cams.items()}, "examples": examples, "ig": ig,
-            "targets": targets, "feature_size": tuple(cams["logit"][0].shape[-2:])}
+            "ig_relative_delta": ig_delta,
+            "targets": targets, "feature_size": tuple(cams["logit"][0].shape[-2:]),
+            "timing_s": {"gradcam": t_cam, "ig": time.perf_counter() - t0 - t_cam}}
 
 
 def summarise_gate_attribution(res: Dict, image_size: Sequence[int]) -> Dict[str, object]:
@@ -172,6 +253,7 @@ def summarise_gate_attribution(res: Dict, image_size: Sequence[int]) -> Dict[str
     top1 = res["top1"]
     n = res["logits"].shape[1]
     out: Dict[str, object] = {"n_images": int(len(top1)), "targets": list(res["targets"]),
+                              "ig_relative_delta": dict(res.get("ig_relative_delta") or {}),
                               "feature_size": list(res["feature_size"]), "examples": res["examples"],
                               "routed": np.bincount(top1, minlength=n).tolist()}
     for t in res["targets"]:
@@ -204,15 +286,102 @@ def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
         return np.concatenate([model(x[s:s + batch_size]).float().cpu().numpy() for s in range(0, len(x), batch_size)])
 
 
+@contextlib.contextmanager
+def _stacked_routings(model: nn.Module, layer: nn.Module, layer_name: str, settings: Sequence[Optional[int]],
+                      at: nn.Module):
+    """Inside the block, one forward of B images returns len(settings)·B rows, one group of B per routing setting
+    (None = the layer's own routing, i = forced to expert i): a pre-hook repeats the input of module ``at`` (the
+    MoE layer or one of its ancestors) along the batch, and the layer's forward runs each group under its
+    setting. The network before ``at`` runs once. Valid when ``at`` and what follows treat images independently
+    (the caller checks it against plain forwards)."""
+    from ..layers import routing_override
+
+    k = len(settings)
+    forward = layer.forward
+
+    def stacked_forward(x, *args, **kwargs):
+        b = x.shape[0] // k
+        outs = []
+        for i, st in enumerate(settings):
+            ctx = routing_override(model, force=st, layer=layer_name) if st is not None else contextlib.nullcontext()
+            with ctx:
+                outs.append(forward(x[i * b:(i + 1) * b], *args, **kwargs))
+        return torch.cat(outs)
+
+    def repeat(_m, args):
+        return tuple(torch.cat([a] * k) if torch.is_tensor(a) and a.dim() > 0 else a for a in args)
+
+    h = at.register_forward_pre_hook(repeat)
+    try:
+        with _patched_forward(layer, stacked_forward):
+            yield
+    finally:
+        h.remove()
+
+
+def _stack_point(model: nn.Module, layer: nn.Module, layer_name: str, n: int, probe: torch.Tensor):
+    """The innermost module (the MoE layer, then its ancestors) where stacking the routings gives the logits of
+    separate forwards on ``probe`` (rtol 1e-4), or None."""
+    from ..layers import routing_override
+
+    with torch.no_grad():
+        ref = [model(probe).float()]
+        for e in range(n):
+            with routing_override(model, force=e, layer=layer_name):
+                ref.append(model(probe).float())
+    ref_t = torch.cat(ref)
+    tol = 1e-4 * float(ref_t.abs().max().clamp_min(1))
+    parts = layer_name.split(".") if layer_name else []
+    named = dict(model.named_modules())
+    for depth in range(len(parts), -1, -1):
+        at = named.get(".".join(parts[:depth]))
+        if at is None:
+            continue
+        try:
+            with torch.no_grad(), _stacked_routings(model, layer, layer_name, [None] + list(range(n)), at):
+                st = model(probe).float()
+        except RuntimeError:  # e.g. a skip connection around ``at`` meets the stacked batch
+            continue
+        if st.shape == ref_t.shape and torch.allclose(st, ref_t, rtol=1e-4, atol=tol):
+            return at
+    return None
+
+
+def _all_logits(model: nn.Module, layer: nn.Module, layer_name: str, x: torch.Tensor, batch_size: int,
+                single_pass: Optional[bool] = None):
+    """(own-routing logits M×C, forced logits N×M×C, the module where the routings were stacked or None)."""
+    from ..layers import routing_override
+
+    n = layer.num_experts
+    at = None if single_pass is False else _stack_point(model, layer, layer_name, n, x[:min(len(x), 8)])
+    if at is not None:
+        chunk = max(1, batch_size // (n + 1) * 2)
+        outs = []
+        with torch.no_grad(), _stacked_routings(model, layer, layer_name, [None] + list(range(n)), at):
+            for s in range(0, len(x), chunk):
+                b = min(chunk, len(x) - s)
+                outs.append(model(x[s:s + b]).float().cpu().numpy().reshape(n + 1, b, -1))
+        allv = np.concatenate(outs, axis=1)
+        return allv[0], allv[1:], at
+    default = _logits(model, x, batch_size)
+    forced = []
+    for e in range(n):
+        with routing_override(model, force=e, layer=layer_name):
+            forced.append(_logits(model, x, batch_size))
+    return default, np.stack(forced), None
+
+
 def expert_contribution(model: nn.Module, layer_name: str, x: torch.Tensor, labels: np.ndarray, *,
-                        n_examples: int = 2, ig_steps: int = 32, batch_size: int = 200,
-                        ig_batch: int = 32) -> Dict[str, object]:
+                        n_examples: int = 2, ig_steps: int = 16, batch_size: int = 200,
+                        ig_batch: int = 32, single_pass: Optional[bool] = None) -> Dict[str, object]:
     """What each expert adds: logits with the layer's own routing vs. forced to each expert.
 
     Returns ``default`` (M×C logits), ``forced`` (N×M×C), ``delta_true`` (N×M: forced − own routing, true-class
     logit), ``examples`` (per expert the images where forcing it raises / lowers the true-class logit most:
     {"helps": [i], "hurts": [i]}) and ``ig`` (per expert {"helps"/"hurts": K×H×W signed pixel IG of that
-    difference, baseline 0}).
+    difference, baseline 0}) and ``single_pass`` (whether the N + 1 routings shared one forward of the network
+    before the layer; ``single_pass=None`` decides by a check on 8 images, False forces separate forwards — the
+    two agree up to float rounding).
     """
     from ..layers import routing_override
 
@@ -221,29 +390,34 @@ def expert_contribution(model: nn.Module, layer_name: str, x: torch.Tensor, labe
     y = np.asarray(labels, dtype=np.int64)
     was = model.training
     model.eval()
+    t0 = time.perf_counter()
     try:
-        default = _logits(model, x, batch_size)
-        forced = []
-        for e in range(n):
-            with routing_override(model, force=e, layer=layer_name):
-                forced.append(_logits(model, x, batch_size))
-        forced_a = np.stack(forced)
+        default, forced_a, stacked = _all_logits(model, layer, layer_name, x, batch_size, single_pass)
+        t_fwd = time.perf_counter() - t0
         delta_true = forced_a[:, np.arange(len(y)), y] - default[np.arange(len(y)), y][None]
-        examples, ig = [], []
+        examples, ig, deltas = [], [], []
         for e in range(n):
             order = np.lexsort((np.arange(len(y)), -delta_true[e]))
             ex = {"helps": order[:n_examples].tolist(), "hurts": order[::-1][:n_examples].tolist()}
             examples.append(ex)
 
-            def diff(inp, e=e):
-                with routing_override(model, force=e, layer=layer_name):
-                    f = model(inp)
-                return f - model(inp)
+            def diff(inp, chosen=None, e=e):
+                with _fixed_sets(layer, {"mask": chosen}):
+                    if stacked is not None:  # one pass before the stacking point: rows [forced e; own routing]
+                        with _stacked_routings(model, layer, layer_name, [e, None], stacked):
+                            both = model(inp)
+                        return both[:len(inp)] - both[len(inp):]
+                    with routing_override(model, force=e, layer=layer_name):
+                        f = model(inp)
+                    return f - model(inp)
 
-            ig.append({k: _ig_pixels(diff, x[v], y[v].tolist(), ig_steps, ig_batch) for k, v in ex.items()})
+            ig.append({k: _ig_pixels(diff, x[v], y[v].tolist(), ig_steps, ig_batch, deltas, _chosen_at(model, layer, x[v]))
+                       for k, v in ex.items()})
     finally:
         model.train(was)
-    return {"default": default, "forced": forced_a, "delta_true": delta_true, "examples": examples, "ig": ig}
+    return {"default": default, "forced": forced_a, "delta_true": delta_true, "examples": examples, "ig": ig,
+            "single_pass": stacked is not None, "ig_relative_delta": _relative_delta(deltas),
+            "timing_s": {"forward": t_fwd, "ig": time.perf_counter() - t0 - t_fwd}}
 
 
 def summarise_contribution(res: Dict, labels: np.ndarray, class_names: Sequence[str], n_top: int = 5,

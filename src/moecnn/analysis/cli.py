@@ -37,7 +37,9 @@ def add_cli(subparsers) -> None:
                    "on 2 CPU cores). Default 0: off")
     a.add_argument("--attribution-examples", type=int, default=4, metavar="K",
                    help="example images per expert with attribution maps (default 4)")
-    a.add_argument("--ig-steps", type=int, default=32, help="Integrated-Gradients steps (default 32)")
+    a.add_argument("--ig-steps", type=int, default=16,
+                   help="Integrated-Gradients steps (Gauss-Legendre; default 16; summary.json reports the "
+                   "completeness error, raise it when that is large)")
     a.add_argument("--concepts", metavar="FILE.csv",
                    help="CSV of image_id,concept rows (image_id = row in the split's routing file): tests whether "
                    "routing depends on these concepts")

@@ -20,6 +20,8 @@ import numpy as np
 from . import stats
 from .rundir import _slug, _write
 
+IG_DELTA_WARN = 0.05  # relative IG completeness error above which the summary notes it
+
 
 def attribute_tests(attrs: Dict[str, np.ndarray], chosen: np.ndarray, n_perm: int = 200,
                     seed: int = 0) -> Dict[str, Dict]:
@@ -179,7 +181,13 @@ def run_attribution(per_layer: Dict, model, layer_names: Sequence[str], images: 
         gate_json.update({"ig_steps": int(ig_steps), "ig_baseline": "0 in normalised input (dataset-mean colour)",
                           "method": "captum LayerGradCam at the gate input (ReLU) + IntegratedGradients at pixels"})
         L["gate_attribution"] = gate_json
+        for t, d in (ga.get("ig_relative_delta") or {}).items():
+            if d is not None and d > IG_DELTA_WARN:
+                notes.append(f"{name}: Integrated Gradients of the gate {t} miss completeness by {100 * d:.0f} % with "
+                             f"{ig_steps} steps; raise --ig-steps")
         timing[f"{name}/gate_attribution"] = time.perf_counter() - t0
+        for k, v in ga["timing_s"].items():
+            timing[f"{name}/gate_attribution/{k}"] = v
 
         t0 = time.perf_counter()
         ec = expert_contribution(model, name, x, y, n_examples=max(1, min(2, n_examples)), ig_steps=ig_steps)
@@ -187,6 +195,13 @@ def run_attribution(per_layer: Dict, model, layer_names: Sequence[str], images: 
         cs = summarise_contribution(ec, y, class_names)
         cs["examples"] = [{k: [int(idx[i]) for i in v] for k, v in ex.items()} for ex in ec["examples"]]
         cs["ig_steps"] = int(ig_steps)
+        cs["single_pass"] = bool(ec["single_pass"])
+        cs["ig_relative_delta"] = ec["ig_relative_delta"]
+        if ec["ig_relative_delta"] is not None and ec["ig_relative_delta"] > IG_DELTA_WARN:
+            notes.append(f"{name}: Integrated Gradients of the forced-expert difference miss completeness by "
+                         f"{100 * ec['ig_relative_delta']:.0f} % with {ig_steps} steps; raise --ig-steps")
+        for k, v in ec["timing_s"].items():
+            timing[f"{name}/contribution/{k}"] = v
         L["contribution"] = cs
         F["contribution"] = "figures/" + _write(fig_dir / f"{slug}_contribution.png",
                                                 figs.contribution_bars(cs["per_expert"]))
