@@ -59,6 +59,8 @@ def routing_dynamics(probe: Dict[str, Any], n_perm: int = 100, seed: int = 0,
             "num_experts": int(n), "specialisation": spec, "top1_share": np.round(share, 5).tolist(),
             "mean_weight": np.round(w.astype(np.float64).mean(1), 5).tolist(),
             "kept_share": kept, "ari": ari, "agreement_with_final": final,
-            "stable_from": _first_from([True] + [k >= STABLE_SHARE for k in kept], epochs) if kept else None,
+            # first evaluation whose routing is kept (≥ STABLE_SHARE of the probe images) at every later one
+            "stable_from": _first_from([k >= STABLE_SHARE for k in kept] + [True], epochs)
+            if kept and kept[-1] >= STABLE_SHARE else None,
         }
     return out

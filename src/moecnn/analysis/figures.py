@@ -63,13 +63,12 @@ def heatmap(mat: np.ndarray, row_names: Sequence[str], col_names: Sequence[str],
     fs = 8 if r <= 40 else 6 if r <= 110 else 4
     ax.set_yticks(range(r), list(row_names), fontsize=fs)
     if annotate:
-        finite = mat[np.isfinite(mat)]
-        mid = (finite.max() + finite.min()) / 2 if finite.size else 0
         for i in range(r):
             for j in range(c):
                 if np.isfinite(mat[i, j]):
+                    rgb = im.cmap(im.norm(mat[i, j]))[:3]  # dark cell -> white text, light cell -> black
                     ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=7,
-                            color="white" if mat[i, j] < mid else "black")
+                            color="white" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5 else "black")
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
