@@ -304,3 +304,52 @@ def test_model_with_two_moe_layers_flow_and_attribution(tmp_path):
     kinds = {t["kind"] for t in s["tests"]["family"]}
     assert kinds == {"specialisation", "attribute", "flow"}
     assert s["dynamics"]["per_layer"]["moe1"]["stable_from"] == 4
+
+
+# ------------------------------------------------------------------------------------------ detection attributes
+def test_detection_attribute_tests_size_not_aspect():
+    from moecnn.analysis.detection import apply_bh_heads, detection_attribute_tests
+
+    rng = np.random.default_rng(0)
+    area = 10 ** rng.uniform(1, 4, 400)
+    aspect = 2 ** rng.normal(0, 0.5, 400)
+    level = np.clip(np.log10(area).astype(int), 0, 4)
+    expert = (area > 1000).astype(int)  # big objects -> E1, independent of the aspect ratio
+    tests = detection_attribute_tests(area, aspect, level, expert, n_perm=200)
+    summary = {"heads": {"cls": {"attribute_tests": tests},
+                         "reg": {"attribute_tests": detection_attribute_tests(area, aspect, level,
+                                                                              rng.integers(0, 2, 400), n_perm=200)}}}
+    apply_bh_heads(summary)
+    cls = summary["heads"]["cls"]["attribute_tests"]
+    assert cls["object_area"]["significant_bh"] and cls["object_area"]["effect"] > 0.5
+    assert cls["fpn_level"]["significant_bh"] and cls["fpn_level"]["test"] == "chi2"
+    assert not cls["aspect_ratio"]["significant_bh"]
+    assert not any(t["significant_bh"] for t in summary["heads"]["reg"]["attribute_tests"].values())
+    assert summary["tests"]["n_tests"] == 6 and summary["tests"]["family"][0]["layer"] == "cls head"
+
+
+def test_detection_run_attribute_tests_end_to_end(tmp_path):
+    """A tiny trained RetinaNet-MoE run: `analyze` adds area / aspect / FPN-level tests per head with BH, and the
+    report shows them."""
+    from moecnn.analysis import report
+    from moecnn.train.detection import load_detection_config, train_detection
+
+    preset = Path(__file__).resolve().parents[1] / "src" / "moecnn" / "configs" / "detection_shapes.yaml"
+    cfg = load_detection_config(preset, {
+        "data": {"shapes": {"num_train": 4, "num_val": 4, "image_size": 64, "out": str(tmp_path / "shapes")},
+                 "num_workers": 0},
+        "model": {"min_size": 64, "max_size": 64, "fpn_channels": 16, "head_convs": 1, "head_norm": "none",
+                  "num_experts": 2, "score_thresh": 0.0, "detections_per_img": 10},
+        "optim": {"epochs": 1, "batch_size": 4, "warmup_iters": 0},
+        "log": {"print_every": 0, "eval_every": 0},
+    })
+    run = tmp_path / "run"
+    train_detection(cfg, run)
+    s = analyze(run, n_perm=50, progress=False)
+    assert s["task"] == "detection" and s["tests"]["n_tests"] == 6
+    for head in ("cls", "reg"):
+        at = s["detection"]["heads"][head]["attribute_tests"]
+        assert set(at) == {"object_area", "aspect_ratio", "fpn_level"}
+        assert all(0 < t["p_bh"] <= 1 and t["n"] == s["detection"]["num_gt"] for t in at.values())
+    html = report(run).read_text()
+    assert "Object attributes vs top-1 expert" in html and "aspect_ratio" in html

@@ -86,7 +86,8 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         if (run_dir / "checkpoint.pt").is_file():
             from .detection import analyze_detection  # size buckets, FPN levels, independence tests, figures
 
-            det = analyze_detection(run_dir, device=device)
+            det = analyze_detection(run_dir, device=device, n_perm=n_perm, alpha=alpha)
+            summary["tests"] = det.get("tests")
             note = "detection run: size/level analysis in analysis/detection_summary.json (also under 'detection')"
         summary.update({"layers": [], "per_layer": {}, "detection": det, "notes": [note]})
         (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=_json_default))
