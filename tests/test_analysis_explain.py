@@ -353,3 +353,26 @@ def test_detection_run_attribute_tests_end_to_end(tmp_path):
         assert all(0 < t["p_bh"] <= 1 and t["n"] == s["detection"]["num_gt"] for t in at.values())
     html = report(run).read_text()
     assert "Object attributes vs top-1 expert" in html and "aspect_ratio" in html
+
+
+def test_trained_run_attribution_through_the_cli(tmp_path, capsys):
+    """A real (tiny) run directory: `moecnn analyze RUN --attribution N` loads the model and the data through
+    compute.load_for_analysis and fills every new section."""
+    from moecnn.cli import main
+    from moecnn.train import load_config, train
+
+    tiny = ["data.image_size=16", "data.synthetic_train_size=128", "data.val_size=32", "data.synthetic_test_size=64",
+            "model.width=8", "optim.batch_size=64", "train.epochs=1", "log.tensorboard=false", "log.progress=lines",
+            "train.device=cpu", "train.threads=1"]
+    run = tmp_path / "run"
+    train(load_config("tiny", tiny), run)
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--attribution", "24", "--attribution-examples", "2", "--n-perm", "30",
+                 "--max-tsne", "30"]) == 0
+    s = json.loads((run / "analysis" / "summary.json").read_text())
+    (name,) = s["layers"]
+    L = s["per_layer"][name]
+    assert L["gate_attribution"]["n_images"] == 24 and L["contribution"]["n_images"] == 24
+    assert set(L["attribute_tests"]) >= {"brightness", "edge_density"} and s["tests"]["n_tests"] >= 6
+    assert not any("attribution skipped" in n for n in s["notes"])
+    assert "forced E0" in capsys.readouterr().out
