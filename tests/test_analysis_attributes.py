@@ -46,6 +46,7 @@ def test_association_continuous_matches_scipy():
     assert t["statistic"] == pytest.approx(ref.statistic) and t["p_asymptotic"] == pytest.approx(ref.pvalue)
     assert t["effect"] == pytest.approx(ref.statistic / (295 - 1)) and t["n"] == 295
     assert t["p_perm"] == pytest.approx(1 / 201) and t["null_q95"] < t["statistic"]
+    assert t["n_perm"] == 200 and t["seed"] == 1 and t["null_mean"] < t["null_q95"]
     assert stats.association_continuous(x, z, n_perm=200, seed=1) == t  # seeded
     assert stats.association_continuous(np.ones(50), np.arange(50) % 2)["degenerate"] == "the attribute is constant"
     assert stats.association_continuous(x, np.zeros(300, int))["p_perm"] == 1.0

@@ -70,7 +70,8 @@ def explain_run(tmp_path_factory):
 
 def _n_figures(summary):
     n = sum(len(L["figures"]) for L in summary["per_layer"].values())
-    n += len((summary.get("accuracy") or {}).get("figures", {})) + len((summary.get("training") or {}).get("figures", {}))
+    n += len((summary.get("accuracy") or {}).get("figures", {}))
+    n += len((summary.get("training") or {}).get("figures", {}))
     n += len((summary.get("flow") or {}).get("figures", {})) + len((summary.get("dynamics") or {}).get("figures", {}))
     return n
 

@@ -410,7 +410,8 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                          "attribution": int(attribution or 0), "attribution_examples": int(attribution_examples),
                          "ig_steps": int(ig_steps), "alpha": float(alpha),
                          "concepts": str(concepts) if concepts is not None else None}
-    summary["per_layer"] = {n: {k: L[k] for k in _LAYER_ORDER if k in L} for n, L in summary.get("per_layer", {}).items()}
+    summary["per_layer"] = {n: {k: L[k] for k in _LAYER_ORDER if k in L}
+                            for n, L in summary.get("per_layer", {}).items()}
     summary["headline"] = headline(summary)
     summary = _finite({k: summary[k] for k in _TOP_ORDER if k in summary})
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default, allow_nan=False))
@@ -489,7 +490,8 @@ def brief(summary: Dict) -> str:
             f"{v} ({k})" for k, v in sp.items()) + f"; stable from epoch {d.get('stable_from')}")
     if summary.get("tests"):
         t = summary["tests"]
-        lines.append(f"{t['n_significant']}/{t['n_tests']} tests significant after Benjamini-Hochberg (FDR {t['alpha']:g})")
+        lines.append(f"{t['n_significant']}/{t['n_tests']} tests significant after Benjamini-Hochberg "
+                     f"(FDR {t['alpha']:g})")
     lines.append(f"written to {Path(summary.get('run_dir', '.')) / 'analysis' / 'summary.json'}")
     return "\n".join(lines)
 

@@ -411,8 +411,8 @@ def expert_contribution(model: nn.Module, layer_name: str, x: torch.Tensor, labe
                         f = model(inp)
                     return f - model(inp)
 
-            ig.append({k: _ig_pixels(diff, x[v], y[v].tolist(), ig_steps, ig_batch, deltas, _chosen_at(model, layer, x[v]))
-                       for k, v in ex.items()})
+            ig.append({k: _ig_pixels(diff, x[v], y[v].tolist(), ig_steps, ig_batch, deltas,
+                                     _chosen_at(model, layer, x[v])) for k, v in ex.items()})
     finally:
         model.train(was)
     return {"default": default, "forced": forced_a, "delta_true": delta_true, "examples": examples, "ig": ig,

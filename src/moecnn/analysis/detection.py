@@ -437,7 +437,8 @@ def detection_report_sections(run_dir: str | Path) -> List[Tuple[str, str]]:
                 rows = "".join(
                     f"<tr><td>{html.escape(a)}</td><td>{html.escape(t['test'])}</td><td>{t['statistic']:.3g}</td>"
                     f"<td>{html.escape(t['effect_name'])} {t['effect']:.3f}</td><td>{t['p_perm']:.3g}</td>"
-                    f"<td>{t.get('p_bh', float('nan')):.3g}</td><td>{'yes' if t.get('significant_bh') else 'no'}</td></tr>"
+                    f"<td>{t.get('p_bh', float('nan')):.3g}</td>"
+                    f"<td>{'yes' if t.get('significant_bh') else 'no'}</td></tr>"
                     for a, t in at.items())
                 parts.append("<p>Object attributes vs top-1 expert (GT boxes; permutation null; Benjamini–Hochberg over "
                              "both heads): log10 area and log2 aspect ratio by Kruskal–Wallis, FPN level by χ².</p>"

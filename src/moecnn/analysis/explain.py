@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -177,7 +177,8 @@ def run_attribution(per_layer: Dict, model, layer_names: Sequence[str], images: 
         gate_json["examples"] = rows_ex
         gate_json["image_indices_file"] = f"attribution_{slug}.npz"
         for t in ga["targets"]:
-            gate_json[t] = {"gradcam_mean": gs[t]["gradcam_mean"], "gradcam_center_of_mass": gs[t]["gradcam_center_of_mass"]}
+            gate_json[t] = {"gradcam_mean": gs[t]["gradcam_mean"],
+                            "gradcam_center_of_mass": gs[t]["gradcam_center_of_mass"]}
         gate_json.update({"ig_steps": int(ig_steps), "ig_baseline": "0 in normalised input (dataset-mean colour)",
                           "method": "captum LayerGradCam at the gate input (ReLU) + IntegratedGradients at pixels"})
         L["gate_attribution"] = gate_json
@@ -245,8 +246,9 @@ def apply_bh(summary: Dict, alpha: float = 0.05) -> None:
                                       "effect": t["effect"], "effect_name": t["effect_name"]}))
         ct = (L.get("concept_tests") or {}).get("test")
         if ct is not None:
-            fam.append((ct, "p_perm", {"layer": name, "kind": "concept", "name": "concepts", "statistic": ct["statistic"],
-                                       "effect": ct["effect"], "effect_name": ct["effect_name"]}))
+            fam.append((ct, "p_perm", {"layer": name, "kind": "concept", "name": "concepts",
+                                       "statistic": ct["statistic"], "effect": ct["effect"],
+                                       "effect_name": ct["effect_name"]}))
     for p in (summary.get("flow") or {}).get("pairs", []):
         fam.append((p, "nmi_p", {"layer": f"{p['from']}->{p['to']}", "kind": "flow", "name": "nmi",
                                  "statistic": p["nmi"], "effect": p["cramers_v"], "effect_name": "cramers_v"}))

@@ -261,7 +261,8 @@ def contribution_bars(per_expert: Sequence[Dict]) -> bytes:
     return _png(fig)
 
 
-def attribute_panels(attrs: Dict[str, np.ndarray], chosen: np.ndarray, tests: Dict[str, Dict], circular=("hue",)) -> bytes:
+def attribute_panels(attrs: Dict[str, np.ndarray], chosen: np.ndarray, tests: Dict[str, Dict],
+                     circular=("hue",)) -> bytes:
     """Small multiples, one per attribute: its distribution per top-1 expert (box plots; circular attributes:
     histograms over 0–360°), titled with the effect size and the BH-adjusted p-value."""
     names = list(attrs)

@@ -331,7 +331,8 @@ def _iter_layer_util(rec: Dict):
 # ---------------------------------------------------------------- attribute / concept association tests
 def _perm_result(res, n_perm: int, seed: int) -> Dict:
     null = np.real(np.asarray(res.null_distribution)).astype(np.float64)
-    return {"p_perm": float(np.real(res.pvalue)),  # complex data (circular test) gives a complex-typed p "n_perm": int(n_perm), "seed": int(seed),
+    # complex data (the circular test) makes scipy's p-value complex-typed
+    return {"p_perm": float(np.real(res.pvalue)), "n_perm": int(n_perm), "seed": int(seed),
             "null_mean": float(null.mean()) if null.size else None,
             "null_q95": float(np.quantile(null, 0.95)) if null.size else None}
 
