@@ -440,8 +440,9 @@ def detection_report_sections(run_dir: str | Path) -> List[Tuple[str, str]]:
                     f"<td>{t.get('p_bh', float('nan')):.3g}</td>"
                     f"<td>{'yes' if t.get('significant_bh') else 'no'}</td></tr>"
                     for a, t in at.items())
-                parts.append("<p>Object attributes vs top-1 expert (GT boxes; permutation null; Benjamini–Hochberg over "
-                             "both heads): log10 area and log2 aspect ratio by Kruskal–Wallis, FPN level by χ².</p>"
+                parts.append("<p>Object attributes vs top-1 expert (GT boxes; permutation null; Benjamini–Hochberg "
+                             "over both heads): log10 area and log2 aspect ratio by Kruskal–Wallis, FPN level "
+                             "by χ².</p>"
                              "<table><tr><th>attribute</th><th>test</th><th>statistic</th><th>effect</th><th>p</th>"
                              f"<th>p BH</th><th>significant</th></tr>{rows}</table>")
             within = [f"{lvl}: p = {t['p_value']:.3g} (n = {t['n']})" for lvl, t in h.get("bucket_test_within_level", {}).items()]
