@@ -286,8 +286,8 @@ def test_model_with_two_moe_layers_flow_and_attribution(tmp_path):
     labels = 2 * group + np.arange(120) % 2
     np.savez(tmp_path / "probe_routing.npz", **probe_routing_arrays())
     model = TinyMoENet(RedBlueGate(), k=2, gate2=BrightGate()).eval()
-    s = analyze(tmp_path, model=model, images=images, labels=labels, max_tsne=40, n_perm=100, progress=False,
-                attribution=40, attribution_examples=2, compute_accuracy_with_model=False, **NAMES)
+    s = analyze(tmp_path, model=model, images=images, labels=labels, max_tsne=30, n_perm=100, progress=False,
+                attribution=40, attribution_examples=2, ig_steps=8, compute_accuracy_with_model=False, **NAMES)
     assert s["layers"] == ["moe1", "moe2"] and len(s["flow"]["pairs"]) == 1
     assert s["per_layer"]["moe2"]["attribute_tests"]["brightness"]["significant_bh"]
     for name in ("moe1", "moe2"):

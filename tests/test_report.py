@@ -63,7 +63,7 @@ def explain_run(tmp_path_factory):
     model = TinyMoENet(RedBlueGate(), k=2, gate2=BrightGate(threshold=0.4)).eval()
     analyze(d, model=model, images=images, labels=labels, class_names=CLASS_NAMES, superclass_names=SUPER_NAMES,
             class_to_super=CLASS_TO_SUPER, max_tsne=60, n_perm=50, attribution=24, attribution_examples=2,
-            concepts=concepts, progress=False)
+            ig_steps=8, concepts=concepts, progress=False, compute_accuracy_with_model=False)
     report(d)
     return d
 
