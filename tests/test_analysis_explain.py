@@ -376,3 +376,23 @@ def test_trained_run_attribution_through_the_cli(tmp_path, capsys):
     assert set(L["attribute_tests"]) >= {"brightness", "edge_density"} and s["tests"]["n_tests"] >= 6
     assert not any("attribution skipped" in n for n in s["notes"])
     assert "forced E0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kw", [dict(moe="conv", position=1, gate="spatial"),  # per-pixel routing
+                                dict(moe="resblock", position=4, stacked=True)],  # channel-stacked experts
+                         ids=["spatial_gate", "stacked_experts"])
+def test_attribution_on_other_layer_kinds(kw):
+    import moecnn
+
+    torch.manual_seed(0)
+    model = moecnn.create_model("resnet10_tiny", num_classes=4, width=8, num_experts=3, k=2, **kw).eval()
+    name = next(iter(moecnn.moe_layers(model)))
+    x = torch.randn(10, 3, 16, 16)
+    y = np.arange(10) % 4
+    g = attribution.gate_attribution(model, name, x, n_examples=2, ig_steps=8)
+    assert g["targets"] == ["logit", "weight"] and g["weights"].sum(1) == pytest.approx(np.ones(10), abs=1e-5)
+    assert all(d < 0.05 for d in g["ig_relative_delta"].values())
+    fast = attribution.expert_contribution(model, name, x, y, ig_steps=8)
+    slow = attribution.expert_contribution(model, name, x, y, ig_steps=8, single_pass=False)
+    assert fast["single_pass"] and np.allclose(fast["forced"], slow["forced"], atol=1e-4)
+    assert np.allclose(fast["default"], slow["default"], atol=1e-4)
