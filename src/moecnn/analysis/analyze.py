@@ -58,7 +58,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         attribution: images (stratified subsample) for gate attribution (Grad-CAM, Integrated Gradients) and
             expert contribution (forced vs own routing); 0 = off. Needs the model (``model=`` or the run's
             checkpoint) and the images.
-        attribution_examples: example images per expert with IG maps (contribution: up to 2 per direction).
+        attribution_examples: example images per expert with IG maps (contribution: max(1, K // 4) per direction).
         ig_steps: Integrated-Gradients steps.
         concepts: CSV of ``image_id,concept`` rows (image_id = routing row) for the concept test.
         alpha: false-discovery rate of the Benjamini–Hochberg correction over all tests of the run.

@@ -191,7 +191,8 @@ def run_attribution(per_layer: Dict, model, layer_names: Sequence[str], images: 
             timing[f"{name}/gate_attribution/{k}"] = v
 
         t0 = time.perf_counter()
-        ec = expert_contribution(model, name, x, y, n_examples=max(1, min(2, n_examples)), ig_steps=ig_steps)
+        # IG of the forced-expert difference runs the layer and what follows twice per step: fewer examples
+        ec = expert_contribution(model, name, x, y, n_examples=max(1, n_examples // 4), ig_steps=ig_steps)
         ec["top1"] = ga["top1"]
         cs = summarise_contribution(ec, y, class_names)
         cs["examples"] = [{k: [int(idx[i]) for i in v] for k, v in ex.items()} for ex in ec["examples"]]
