@@ -3,7 +3,8 @@
 Layout: :mod:`~moecnn.analysis.rundir` reads and writes a run directory's files, :mod:`~moecnn.analysis.compute`
 runs a model for routing and accuracy (and holds the one call into ``moecnn.train``),
 :mod:`~moecnn.analysis.stats` holds the statistics on plain numpy arrays, :mod:`~moecnn.analysis.analyze`
-orchestrates them, :mod:`~moecnn.analysis.html_report` writes the HTML and :mod:`~moecnn.analysis.cli` registers the verbs. "Explain the experts" (issue 15):
+orchestrates them, :mod:`~moecnn.analysis.html_report` writes the HTML and :mod:`~moecnn.analysis.cli` registers
+the verbs. "Explain the experts" (issue 15):
 :mod:`~moecnn.analysis.attributes` (pixel attributes), :mod:`~moecnn.analysis.attribution` (Grad-CAM / Integrated
 Gradients of the gates and forced-expert contributions, with captum), :mod:`~moecnn.analysis.dynamics` (routing
 over training), :mod:`~moecnn.analysis.flow` (layer-to-layer flow) and :mod:`~moecnn.analysis.explain` (their part
