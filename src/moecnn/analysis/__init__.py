@@ -1,7 +1,7 @@
 """Interpretability analyses of MoE routing (SPEC §4): ``analyze(run_dir)`` and ``report(run_dir)``.
 
 Layout: :mod:`~moecnn.analysis.rundir` reads and writes a run directory's files, :mod:`~moecnn.analysis.compute`
-runs a model for routing and accuracy (and holds the one call into ``moecnn.train``),
+runs a model for routing and accuracy (``load_for_analysis`` loads a classification run through ``moecnn.train``),
 :mod:`~moecnn.analysis.stats` holds the statistics on plain numpy arrays, :mod:`~moecnn.analysis.analyze`
 orchestrates them, :mod:`~moecnn.analysis.html_report` writes the HTML and :mod:`~moecnn.analysis.cli` registers
 the verbs. "Explain the experts" (issue 15):
