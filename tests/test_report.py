@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _analysis_fixtures import CLASS_NAMES, CLASS_TO_SUPER, SUPER_NAMES, planted_images, planted_routing  # noqa: E402
+from _analysis_fixtures import (CLASS_NAMES, CLASS_TO_SUPER, SUPER_NAMES, BrightGate, RedBlueGate,  # noqa: E402
+                                TinyMoENet, planted_images, planted_routing, probe_routing_arrays)
 
 from moecnn.analysis import analyze, report  # noqa: E402
 
@@ -47,21 +48,71 @@ def run_dir(tmp_path_factory):
     return d
 
 
-def test_report_is_self_contained(run_dir):
-    html = (run_dir / "report.html").read_text()
+@pytest.fixture(scope="module")
+def explain_run(tmp_path_factory):
+    """A run analysed with its model (two MoE layers: colour, then brightness), attribution, concepts, a probe
+    routing file and training metrics: every section of the report."""
+    d = tmp_path_factory.mktemp("explain")
+    images, labels = planted_images(n_per_class=30, size=32)
+    np.savez(d / "probe_routing.npz", **probe_routing_arrays())
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"epoch": e, "routing": {"moe1": {"importance": [0.5, 0.5], "routed": [1, 1]}}}) for e in range(3)) + "\n")
+    concepts = d / "concepts.csv"
+    concepts.write_text("image_id,concept\n" + "".join(f"{i},{'bright' if labels[i] % 2 == 0 else 'plain'}\n"
+                                                        for i in range(0, len(labels), 3)))
+    model = TinyMoENet(RedBlueGate(), k=2, gate2=BrightGate(threshold=0.4)).eval()
+    analyze(d, model=model, images=images, labels=labels, class_names=CLASS_NAMES, superclass_names=SUPER_NAMES,
+            class_to_super=CLASS_TO_SUPER, max_tsne=60, n_perm=50, attribution=24, attribution_examples=2,
+            ig_steps=8, concepts=concepts, progress=False, compute_accuracy_with_model=False)
+    report(d)
+    return d
+
+
+def _n_figures(summary):
+    n = sum(len(L["figures"]) for L in summary["per_layer"].values())
+    n += len((summary.get("accuracy") or {}).get("figures", {}))
+    n += len((summary.get("training") or {}).get("figures", {}))
+    n += len((summary.get("flow") or {}).get("figures", {})) + len((summary.get("dynamics") or {}).get("figures", {}))
+    return n
+
+
+def _check_self_contained(html, summary):
     srcs = re.findall(r'src="([^"]*)"', html)
-    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from the network
     assert "<link" not in html and "missing figure" not in html
-    n_figs = len(summary["per_layer"]["layer4.moe"]["figures"]) + len(summary["accuracy"]["figures"]) \
-        + len(summary["training"]["figures"])
-    assert len(srcs) == n_figs
+    assert len(srcs) == _n_figures(summary)
+
+
+def test_report_is_self_contained(run_dir):
+    html = (run_dir / "report.html").read_text()
+    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
+    _check_self_contained(html, summary)
     assert "forced_per_superclass" in summary["accuracy"]["figures"]
     for text in ("Utilisation", "Specialisation tests", "t-SNE of gate logits", "Fig. 3", "Fig. 4",
                  "expert 0: flowers", "Accuracy under routing controls", "Utilisation over training",
                  "weights most and least"):
         assert text in html, text
+
+
+def test_report_explain_sections(explain_run):
+    html = (explain_run / "report.html").read_text()
+    summary = json.loads((explain_run / "analysis" / "summary.json").read_text())
+    _check_self_contained(html, summary)
+    for text in ("Which image attributes does routing follow?", "Concept labels", "Why this expert? Gate attribution",
+                 "What does each expert add? Expert contribution", "Layer-to-layer flow",
+                 "Routing dynamics during training", "All tests of this run (Benjamini–Hochberg)",
+                 "href='#flow'", "href='#dynamics'", "href='#tests'", "Utilisation over training"):
+        assert text in html, text
+    # every figure of the new sections comes with its one-sentence caption
+    captions = re.findall(r"</figure>", html)
+    new = [k for L in summary["per_layer"].values() for k in L["figures"]
+           if k in ("attributes", "concepts", "attribution_mean", "attribution_examples", "contribution",
+                    "interchangeability", "contribution_examples")]
+    assert len(new) == 14 and len(captions) >= len(new) + 2
+    for m in re.finditer(r"<figure><img [^>]*alt=\"(attribution|contribution|flow|dynamics|attributes|concepts|"
+                         r"interchangeability)[^\"]*\"[^>]*><figcaption>([^<]*)</figcaption>", html):
+        assert m.group(2).strip().endswith("."), m.group(0)[:80]
 
 
 def test_detection_sections_included(tmp_path, monkeypatch):
@@ -85,7 +136,9 @@ def _chromium():
 
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install -y chromium)")
-def test_report_renders_in_chromium(run_dir, tmp_path):
+@pytest.mark.parametrize("which", ["run_dir", "explain_run"])
+def test_report_renders_in_chromium(which, request, tmp_path):
+    run_dir = request.getfixturevalue(which)
     exe = _chromium()
     html = (run_dir / "report.html").read_text()
     page = tmp_path / "check.html"

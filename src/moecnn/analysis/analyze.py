@@ -15,9 +15,9 @@ import json
 
 import numpy as np
 
-from . import stats
-from .compute import _accuracy_from_preds, compute_accuracy, compute_routing
-from .rundir import (SCHEMA_VERSION, _finite, _json_default, _slug, _write, load_routing, read_config,
+from . import explain, stats
+from .compute import _accuracy_from_preds, compute_accuracy, compute_routing, load_for_analysis
+from .rundir import (SCHEMA_VERSION, _finite, _json_default, _slug, _write, load_routing, read_concepts, read_config,
                      read_eval_accuracy, read_metrics, routing_file, save_routing)
 
 
@@ -36,7 +36,9 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             device: str = "cpu", *, routing=None, images=None, labels=None, class_names: Optional[Sequence[str]] = None,
             superclass_names: Optional[Sequence[str]] = None, class_to_super: Optional[Sequence[int]] = None,
             accuracy: Optional[Dict] = None, model=None, seed: int = 0, n_extreme: int = 8,
-            compute_accuracy_with_model: bool = True, progress: bool = True) -> Dict:
+            compute_accuracy_with_model: bool = True, progress: bool = True, attribution: int = 0,
+            attribution_examples: int = 4, ig_steps: int = 16, concepts=None, alpha: float = 0.05,
+            mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Dict:
     """Run every routing analysis of SPEC §4 and write RUN_DIR/analysis/{summary.json, figures/*.png}.
 
     Args:
@@ -53,6 +55,14 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         accuracy: accuracy suite in ``moecnn eval`` format (else read from RUN_DIR/eval or computed).
         labels: class ids of ``images`` (with ``model``: routing is computed from the model, no run files needed).
         model: an already-built model (with ``images`` and ``labels``) to compute routing / accuracy from.
+        attribution: images (stratified subsample) for gate attribution (Grad-CAM, Integrated Gradients) and
+            expert contribution (forced vs own routing); 0 = off. Needs the model (``model=`` or the run's
+            checkpoint) and the images.
+        attribution_examples: example images per expert with IG maps (contribution: max(1, K // 4) per direction).
+        ig_steps: Integrated-Gradients steps.
+        concepts: CSV of ``image_id,concept`` rows (image_id = routing row) for the concept test.
+        alpha: false-discovery rate of the Benjamini–Hochberg correction over all tests of the run.
+        mean, std: input normalisation of ``model`` (else the run's data bundle's, else none).
     Returns the summary dict (also written to RUN_DIR/analysis/summary.json).
     """
     from tqdm.auto import tqdm
@@ -76,14 +86,14 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         if (run_dir / "checkpoint.pt").is_file():
             from .detection import analyze_detection  # size buckets, FPN levels, independence tests, figures
 
-            det = analyze_detection(run_dir, device=device)
+            det = analyze_detection(run_dir, device=device, n_perm=n_perm, alpha=alpha)
+            summary["tests"] = det.get("tests")
             note = "detection run: size/level analysis in analysis/detection_summary.json (also under 'detection')"
         summary.update({"layers": [], "per_layer": {}, "detection": det, "notes": [note]})
         (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=_json_default))
         return summary
 
     bundle = None
-    mean = std = None
     steps = tqdm(total=8, desc="analyze", disable=not progress)
     try:
 
@@ -91,10 +101,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
             nonlocal model, bundle, mean, std
             if model is not None and bundle is not None:
                 return
-            from ..train.runs import load_run
-
-            m, _cfg, task = load_run(run_dir, which="last", device=device)
-            b = task.bundle
+            m, b = load_for_analysis(run_dir, device=device)
             model = model or m
             bundle = b
             mean, std = getattr(b, "mean", None), getattr(b, "std", None)
@@ -129,6 +136,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 source = f"computed with the model ({out / f'routing_{split}.npz'})"
         labels = rt["labels"]
         m_img = labels.shape[0]
+        concept_codes = read_concepts(concepts, m_img, split) if concepts is not None else None  # fail early
         timing["routing"] = time.perf_counter() - t0
         steps.update(1)
 
@@ -138,12 +146,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         if images is None or class_names is None:
             try:
                 if bundle is None and (run_dir / "config.yaml").is_file():
-                    from ..data import build_data
-                    from ..train.config import load_config
-                    from ..train.runs import load_config_file
-
-                    tcfg = load_config(base=load_config_file(run_dir))
-                    bundle = build_data(tcfg.data)
+                    _, bundle = load_for_analysis(run_dir, with_model=False)
                     mean, std = bundle.mean, bundle.std
             except Exception as e:  # data not available here: analyses without thumbnails
                 notes.append(f"run data not loaded ({type(e).__name__}: {e}); image figures need it")
@@ -192,10 +195,11 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 raise ValueError(f"no MoE layer named '{layer}' in the routing; layers: {', '.join(layer_names)}")
             layer_names = [layer]
         summary["layers"] = layer_names
-        steps.total = 4 + 4 * len(layer_names)
+        steps.total = 6 + 4 * len(layer_names) + (len(layer_names) if attribution else 0)
         steps.refresh()
         per_layer: Dict[str, Dict] = {}
         tsne_idx = subsample(m_img, max_tsne, seed, labels=labels)
+        chosen_all: Dict[str, np.ndarray] = {}
         for name in layer_names:
             d = rt["layers"][name]
             w, lg = d["weights"].astype(np.float64), d["logits"]
@@ -215,6 +219,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                     co, expert_names, expert_names, "images whose top-2 experts are {row, column}", cmap="Blues",
                     fmt=".0f", ylabel="expert"))
             chosen = stats.top1(w, lg)
+            chosen_all[name] = chosen
             # class / superclass matrices
             mat, counts = stats.group_expert_matrix(w, labels, n_classes)
             tops = stats.top_groups_per_expert(mat, class_names, n=5)
@@ -284,8 +289,29 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 timing[f"{name}/thumbnails"] = time.perf_counter() - t0
             steps.update(1)
             L["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
-            per_layer[name] = {k: L[k] for k in _LAYER_ORDER if k in L}
+            per_layer[name] = L
         summary["per_layer"] = per_layer
+
+        # ---- explain: attribute and concept tests, layer-to-layer flow, routing dynamics
+        t0 = time.perf_counter()
+        attrs = None
+        if images is not None:
+            attrs = explain.run_attribute_tests(per_layer, chosen_all, np.asarray(images), n_perm, seed)
+        else:
+            notes.append("no images: attribute tests skipped")
+        if concept_codes is not None:
+            explain.run_concept_tests(per_layer, chosen_all, *concept_codes, str(concepts), n_perm, seed, fig_dir)
+        timing["attribute_tests"] = time.perf_counter() - t0
+        if len(layer_names) >= 2:
+            explain.run_flow(summary, chosen_all, {n: per_layer[n]["num_experts"] for n in layer_names}, layer_names,
+                             n_perm, seed, fig_dir)
+        else:
+            summary["flow"] = None
+        t0 = time.perf_counter()
+        explain.run_dynamics(summary, run_dir, [layer] if layer is not None else None, n_perm=min(n_perm, 100),
+                             seed=seed, fig_dir=fig_dir, notes=notes)
+        timing["dynamics"] = time.perf_counter() - t0
+        steps.update(1)
 
         # ---- accuracy
         t0 = time.perf_counter()
@@ -346,13 +372,46 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
         summary["training"] = {"per_layer": {k: v for k, v in ev.items() if layer is None or k == layer},
                                "figures": train_figs} if ev else None
         steps.update(1)
+
+        # ---- gate attribution and expert contribution (need the model)
+        if attribution and attribution > 0:
+            why = None
+            try:
+                if model is None:
+                    if (run_dir / "checkpoint.pt").is_file():
+                        _load_model()
+                    else:
+                        why = "no model= and no checkpoint.pt"
+                if why is None and images is None:
+                    why = "no images"
+            except Exception as e:
+                why = f"model not loaded ({type(e).__name__}: {e})"
+            if why is None:
+                explain.run_attribution(per_layer, model, layer_names, np.asarray(images), labels, class_names, mean,
+                                        std, n_images=int(attribution), n_examples=int(attribution_examples),
+                                        ig_steps=int(ig_steps), seed=seed, device=device, fig_dir=fig_dir, out_dir=out,
+                                        notes=notes, timing=timing)
+            else:
+                notes.append(f"attribution skipped: {why}")
+            steps.update(len(layer_names))
+
+        # ---- Benjamini-Hochberg over every test, then the figures that show adjusted p-values
+        explain.apply_bh(summary, alpha=alpha)
+        if attrs is not None:
+            explain.attribute_figures(per_layer, chosen_all, attrs, fig_dir)
+        steps.update(1)
     finally:
         steps.close()
     timing["total"] = time.perf_counter() - t_start
     summary["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     summary["notes"] = notes
     summary["params"] = {"max_tsne": int(max_tsne), "n_perm": int(n_perm), "seed": int(seed),
-                         "living_threshold": stats.LIVING_THRESHOLD, "n_extreme": int(n_extreme)}
+                         "living_threshold": stats.LIVING_THRESHOLD, "n_extreme": int(n_extreme),
+                         "attribution": int(attribution or 0), "attribution_examples": int(attribution_examples),
+                         "ig_steps": int(ig_steps), "alpha": float(alpha),
+                         "concepts": str(concepts) if concepts is not None else None}
+    summary["per_layer"] = {n: {k: L[k] for k in _LAYER_ORDER if k in L}
+                            for n, L in summary.get("per_layer", {}).items()}
     summary["headline"] = headline(summary)
     summary = _finite({k: summary[k] for k in _TOP_ORDER if k in summary})
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default, allow_nan=False))
@@ -360,10 +419,11 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
 
 
 _TOP_ORDER = ("schema_version", "run_dir", "split", "task", "created", "n_images", "layers", "headline", "sources",
-              "notes", "params", "timing_s", "per_layer", "accuracy", "training", "class_names",
-              "superclass_names", "class_to_super")
-_LAYER_ORDER = ("num_experts", "spatial_averaged", "utilisation", "specialisation", "superclass_expert",
-                "class_expert", "coactivation", "extreme_images", "figures", "tsne")
+              "notes", "params", "timing_s", "tests", "per_layer", "flow", "dynamics", "accuracy", "training",
+              "detection", "class_names", "superclass_names", "class_to_super")
+_LAYER_ORDER = ("num_experts", "spatial_averaged", "utilisation", "specialisation", "attribute_tests",
+                "concept_tests", "gate_attribution", "contribution", "superclass_expert", "class_expert",
+                "coactivation", "extreme_images", "figures", "tsne")
 
 
 def headline(summary: Dict) -> Dict[str, Dict]:
@@ -381,6 +441,8 @@ def headline(summary: Dict) -> Dict[str, Dict]:
                     else None
                 h[f"purity_{lvl}"] = round(s[lvl]["purity"], 4)
         h["top"] = (L.get("superclass_expert") or L["class_expert"])["top_text"]
+        if L.get("attribute_tests"):
+            h["attributes_significant"] = [a for a, t in L["attribute_tests"].items() if t.get("significant_bh")]
         out[name] = h
     acc = summary.get("accuracy") or {}
     if acc.get("default", {}).get("top1") is not None:
@@ -407,6 +469,29 @@ def brief(summary: Dict) -> str:
                          f"p = {s['nmi_p']:.4f}); purity {s['purity']:.3f} (p = {s['purity_p']:.4f})")
         top = (L.get("superclass_expert") or L["class_expert"])["top_text"]
         lines += ["  " + t for t in top]
+        at = L.get("attribute_tests")
+        if at:
+            lines.append("  attributes (BH): " + ", ".join(
+                f"{a} {t['effect_name']} {t['effect']:.3f}{' *' if t.get('significant_bh') else ''}"
+                for a, t in at.items()) + "   (* significant)")
+        ct = (L.get("concept_tests") or {}).get("test")
+        if ct:
+            lines.append(f"  concepts: Cramér's V {ct['effect']:.3f}, p_BH = {ct.get('p_bh', ct['p_perm']):.3g}")
+        for p in (L.get("contribution") or {}).get("per_expert", []):
+            lines.append(f"  forced E{p['expert']}: Δ true-class logit {p['delta_true_mean']:+.3f}, helps "
+                         + (", ".join(x["class"] for x in p["helps"][:3]) or "-") + "; hurts "
+                         + (", ".join(x["class"] for x in p["hurts"][:3]) or "-"))
+    for p in (summary.get("flow") or {}).get("pairs", []):
+        lines.append(f"[{p['from']} -> {p['to']}] NMI {p['nmi']:.3f} (null max {p['nmi_null_max']:.3f}, "
+                     f"p = {p['nmi_p']:.4f}), Cramér's V {p['cramers_v']:.3f}")
+    for name, d in ((summary.get("dynamics") or {}).get("per_layer") or {}).items():
+        sp = {lvl: v.get("specialised_from") for lvl, v in d["specialisation"].items()}
+        lines.append(f"[{name} over training] specialised from epoch " + ", ".join(
+            f"{v} ({k})" for k, v in sp.items()) + f"; stable from epoch {d.get('stable_from')}")
+    if summary.get("tests"):
+        t = summary["tests"]
+        lines.append(f"{t['n_significant']}/{t['n_tests']} tests significant after Benjamini-Hochberg "
+                     f"(FDR {t['alpha']:g})")
     lines.append(f"written to {Path(summary.get('run_dir', '.')) / 'analysis' / 'summary.json'}")
     return "\n".join(lines)
 

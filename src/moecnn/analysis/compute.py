@@ -6,6 +6,21 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 
+def load_for_analysis(run_dir, device: str = "cpu", with_model: bool = True):
+    """(model in eval mode or None, DataBundle) of a classification run: the one place the analyses call into
+    ``moecnn.train`` (the model from ``checkpoint.pt``; the data from ``config.yaml``)."""
+    if with_model:
+        from ..train.runs import load_run
+
+        model, _cfg, task = load_run(run_dir, which="last", device=device)
+        return model, task.bundle
+    from ..data import build_data
+    from ..train.config import load_config
+    from ..train.runs import load_config_file
+
+    return None, build_data(load_config(base=load_config_file(run_dir)).data)
+
+
 def _norm_input(images, mean, std):
     import torch
 

@@ -30,6 +30,7 @@ __all__ = [
     "analyze_detection",
     "detection_report_sections",
     "BUCKET_NAMES",
+    "detection_attribute_tests",
 ]
 
 BUCKET_NAMES = ("small", "medium", "large")
@@ -98,6 +99,44 @@ def size_expert_independence(
     return {**out, "statistic": stat, "p_value": p, "dof": dof, "cramers_v": v, "degenerate": False}
 
 
+def detection_attribute_tests(areas: Sequence[float], aspects: Sequence[float], levels: Sequence[int],
+                              experts: Sequence[int], n_perm: int = 200, seed: int = 0) -> Dict[str, Dict]:
+    """Does an object's top-1 expert depend on its size, aspect ratio or FPN level?
+
+    Per ground-truth box: ``object_area`` = log10 of the area and ``aspect_ratio`` = log2(width / height), each
+    with Kruskal–Wallis across experts (ε²), ``fpn_level`` categorical (χ², Cramér's V, NMI); all with a permutation
+    null (:mod:`moecnn.analysis.stats`). Benjamini–Hochberg is applied by the caller over every head's tests.
+    """
+    from . import stats
+
+    z = np.asarray(experts, dtype=np.int64)
+    area = np.log10(np.clip(np.asarray(areas, dtype=np.float64), 1e-6, None))
+    aspect = np.log2(np.clip(np.asarray(aspects, dtype=np.float64), 1e-6, None))
+    return {"object_area": stats.association_continuous(area, z, n_perm=n_perm, seed=seed),
+            "aspect_ratio": stats.association_continuous(aspect, z, n_perm=n_perm, seed=seed),
+            "fpn_level": stats.association_categorical(np.asarray(levels, dtype=np.int64), z, n_perm=n_perm,
+                                                       seed=seed)}
+
+
+def apply_bh_heads(summary: Dict[str, Any], alpha: float = 0.05) -> None:
+    """Benjamini–Hochberg over the attribute tests of every head; adds ``p_bh``/``significant_bh`` to each and
+    the family table ``summary["tests"]`` (same layout as the classification summary)."""
+    from . import stats
+
+    fam = [(head, name, t) for head, h in summary.get("heads", {}).items()
+           for name, t in (h.get("attribute_tests") or {}).items()]
+    reject, p_adj = stats.bh_adjust([t["p_perm"] for _, _, t in fam], alpha=alpha)
+    table = []
+    for (head, name, t), r, pa in zip(fam, reject, p_adj):
+        t["p_bh"], t["significant_bh"] = float(pa), bool(r)
+        table.append({"layer": f"{head} head", "kind": "attribute", "name": name, "statistic": t["statistic"],
+                      "effect": t["effect"], "effect_name": t["effect_name"], "p": t["p_perm"], "p_bh": float(pa),
+                      "significant": bool(r)})
+    summary["tests"] = {"method": "Benjamini-Hochberg 1995 (statsmodels multipletests, fdr_bh)", "alpha": float(alpha),
+                        "n_tests": len(table), "n_significant": int(sum(t["significant"] for t in table)),
+                        "family": table}
+
+
 def usage_table(groups: Sequence[int], weights: np.ndarray, num_groups: int, names: Sequence[str]) -> Dict[str, Any]:
     """Per group: count, mean sparse gate weight per expert, share of top-1 per expert."""
     groups = np.asarray(groups, dtype=int)
@@ -125,7 +164,7 @@ def _collect(model, dataset, device, max_images, batch_size, keep_examples: int,
     from ..data.coco import area_bucket
 
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    gt_rows: Dict[str, List] = {"bucket": [], "level": [], "image": []}
+    gt_rows: Dict[str, List] = {"bucket": [], "level": [], "image": [], "area": [], "aspect": []}
     gt_w: Dict[str, List[np.ndarray]] = {}
     lvl_w: Dict[str, List[List[np.ndarray]]] = {}
     det_rows: Dict[str, List] = {"bucket": [], "level": [], "expert": []}
@@ -144,6 +183,9 @@ def _collect(model, dataset, device, max_images, batch_size, keep_examples: int,
             gt_rows["bucket"].extend(area_bucket(a) for a in areas)
             gt_rows["level"].extend(g["levels"].tolist())
             gt_rows["image"].extend([int(t["image_id"])] * len(areas))
+            gt_rows["area"].extend(areas)
+            wh = (t["boxes"][:, 2:] - t["boxes"][:, :2]).clamp_min(1e-6).cpu()
+            gt_rows["aspect"].extend((wh[:, 0] / wh[:, 1]).tolist())
             for key in info["level_weights"]:
                 gt_w.setdefault(key, []).append(g[f"weights_{key}"].numpy())
         for b, d in enumerate(dets):
@@ -246,13 +288,16 @@ def analyze_detection(
     num_examples: int = 6,
     score_thresh: float = 0.3,
     method: str = "chi2",
+    n_perm: int = 200,
+    alpha: float = 0.05,
 ) -> Dict[str, Any]:
     """Expert usage by object size and FPN level for a trained detection run; writes ``analysis/``.
 
     Files: ``detection_summary.json``, ``detection_usage.png`` (heatmaps), ``detection_examples.png``.
     Returns the summary dict: per MoE head (``cls``/``reg``) ``by_bucket``, ``by_level``,
-    ``level_routing``, ``bucket_test``, ``level_test``, ``bucket_test_within_level``; plus
-    ``detections`` (share of detections per expert by size).
+    ``level_routing``, ``bucket_test``, ``level_test``, ``bucket_test_within_level``, ``attribute_tests``
+    (object area, aspect ratio, FPN level vs the top-1 expert, permutation nulls, BH over all heads: ``tests``);
+    plus ``detections`` (share of detections per expert by size).
     """
     from ..train.distributed import pick_device
     from ..train.runs import load_run
@@ -273,6 +318,8 @@ def analyze_detection(
     )
     buckets = np.asarray(gt_rows["bucket"], dtype=int)
     levels = np.asarray(gt_rows["level"], dtype=int)
+    areas = np.asarray(gt_rows["area"], dtype=float)
+    aspects = np.asarray(gt_rows["aspect"], dtype=float)
     n_levels = len(LEVEL_NAMES)
     summary: Dict[str, Any] = {
         "task": "detection", "moe": True, "num_images": n, "num_gt": int(len(buckets)),
@@ -307,6 +354,7 @@ def analyze_detection(
             "bucket_test": size_expert_independence(buckets, top1, 3, n_exp, method),
             "level_test": size_expert_independence(levels, top1, n_levels, n_exp, method),
             "bucket_test_within_level": within,
+            "attribute_tests": detection_attribute_tests(areas, aspects, levels, top1, n_perm=n_perm),
         }
     if det_rows["expert"]:
         n_exp = max(h["num_experts"] for h in summary["heads"].values())
@@ -320,6 +368,7 @@ def analyze_detection(
             },
             "bucket_test": size_expert_independence(det_rows["bucket"], det_rows["expert"], 3, n_exp, method),
         }
+    apply_bh_heads(summary, alpha=alpha)
     _heatmaps(summary, out / "detection_usage.png")
     if examples:
         n_exp = max(h["num_experts"] for h in summary["heads"].values())
@@ -386,6 +435,19 @@ def detection_report_sections(run_dir: str | Path) -> List[Tuple[str, str]]:
                     f"<p>Independence of top-1 expert and {name}: {t['method']} statistic {t['statistic']:.2f}, "
                     f"dof {t['dof']}, p = {t['p_value']:.3g}, Cramér's V {t['cramers_v']:.2f} (n = {t['n']})</p>"
                 )
+            at = h.get("attribute_tests") or {}
+            if at:
+                rows = "".join(
+                    f"<tr><td>{html.escape(a)}</td><td>{html.escape(t['test'])}</td><td>{t['statistic']:.3g}</td>"
+                    f"<td>{html.escape(t['effect_name'])} {t['effect']:.3f}</td><td>{t['p_perm']:.3g}</td>"
+                    f"<td>{t.get('p_bh', float('nan')):.3g}</td>"
+                    f"<td>{'yes' if t.get('significant_bh') else 'no'}</td></tr>"
+                    for a, t in at.items())
+                parts.append("<p>Object attributes vs top-1 expert (GT boxes; permutation null; Benjamini–Hochberg "
+                             "over both heads): log10 area and log2 aspect ratio by Kruskal–Wallis, FPN level "
+                             "by χ².</p>"
+                             "<table><tr><th>attribute</th><th>test</th><th>statistic</th><th>effect</th><th>p</th>"
+                             f"<th>p BH</th><th>significant</th></tr>{rows}</table>")
             within = [f"{lvl}: p = {t['p_value']:.3g} (n = {t['n']})" for lvl, t in h.get("bucket_test_within_level", {}).items()]
             if within:
                 parts.append("<p>Size vs expert within each FPN level: " + "; ".join(within) + "</p>")

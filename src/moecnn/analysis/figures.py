@@ -63,13 +63,12 @@ def heatmap(mat: np.ndarray, row_names: Sequence[str], col_names: Sequence[str],
     fs = 8 if r <= 40 else 6 if r <= 110 else 4
     ax.set_yticks(range(r), list(row_names), fontsize=fs)
     if annotate:
-        finite = mat[np.isfinite(mat)]
-        mid = (finite.max() + finite.min()) / 2 if finite.size else 0
         for i in range(r):
             for j in range(c):
                 if np.isfinite(mat[i, j]):
+                    rgb = im.cmap(im.norm(mat[i, j]))[:3]  # dark cell -> white text, light cell -> black
                     ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=7,
-                            color="white" if mat[i, j] < mid else "black")
+                            color="white" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5 else "black")
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
@@ -172,4 +171,161 @@ def agreement_matrix(names: Sequence[str], agreement: np.ndarray, null: Optional
     fig.colorbar(im, ax=ax, label="matched agreement (%)")
     ax.set_title("images sent to matched experts, % (within-class null)" if null is not None
                  else "images sent to matched experts, %", fontsize=9)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ explain-the-experts figures
+def _hwc(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):
+        img = img.transpose(1, 2, 0)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[-1] == 4:
+        img = img[..., :3]
+    return img
+
+
+def _show(ax, img, heat=None, cmap="jet", alpha=0.5, vmax=None):
+    img = _hwc(img)
+    if heat is None:
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+    else:
+        grey = img.mean(-1) if img.ndim == 3 else img
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        h = np.asarray(heat, dtype=np.float64)
+        top = vmax if vmax is not None else (h.max() if h.max() > 0 else 1.0)
+        ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0, vmax=top, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def attribution_means(mean_images: Sequence[np.ndarray], rows: Sequence[tuple], counts: Sequence[int]) -> bytes:
+    """Columns = experts; first row the mean image of the expert's routed images, then one row per
+    (title, N×H×W maps) overlaid on it."""
+    n = len(mean_images)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.9 * n + 1.2, 1.9 * (1 + len(rows))), squeeze=False)
+    for e in range(n):
+        _show(axes[0, e], mean_images[e])
+        axes[0, e].set_title(f"E{e} ({counts[e]} images)", fontsize=8)
+        for r, (title, maps) in enumerate(rows, start=1):
+            _show(axes[r, e], mean_images[e], maps[e])
+            if e == 0:
+                axes[r, 0].set_ylabel(title, fontsize=7)
+    axes[0, 0].set_ylabel("mean routed image", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def attribution_examples(images: Sequence[Sequence[np.ndarray]], panels: Sequence[tuple],
+                         notes: Optional[Sequence[Sequence[str]]] = None) -> bytes:
+    """One row per expert: for each example image, the image and then each (title, per-expert K×H×W maps)
+    overlay; ``notes`` (per expert, per example) are printed above the images."""
+    n = len(images)
+    k = max((len(x) for x in images), default=0)
+    cols = max(1, k * (1 + len(panels)))
+    fig, axes = plt.subplots(n, cols, figsize=(1.15 * cols + 0.6, 1.35 * n + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for e in range(n):
+        for j, img in enumerate(images[e]):
+            c0 = j * (1 + len(panels))
+            ax = axes[e, c0]
+            ax.axis("on")
+            _show(ax, img)
+            ax.set_title(notes[e][j] if notes else f"E{e}", fontsize=6)
+            for p, (title, maps) in enumerate(panels, start=1):
+                ax = axes[e, c0 + p]
+                ax.axis("on")
+                _show(ax, img, maps[e][j])
+                ax.set_title(title, fontsize=6)
+        axes[e, 0].set_ylabel(f"E{e}", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def contribution_bars(per_expert: Sequence[Dict]) -> bytes:
+    """Mean change of the true-class logit when each expert is forced (all images, images not routed to it)."""
+    n = len(per_expert)
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * n + 2), 3))
+    ax.bar(x - 0.2, [p["delta_true_mean"] for p in per_expert], 0.4, label="all images")
+    if all(p.get("delta_true_mean_not_routed") is not None for p in per_expert):
+        ax.bar(x + 0.2, [p["delta_true_mean_not_routed"] for p in per_expert], 0.4,
+               label="images routed elsewhere")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [f"E{i}" for i in x])
+    ax.set_ylabel("Δ true-class logit")
+    ax.set_title("forced to the expert − own routing", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def attribute_panels(attrs: Dict[str, np.ndarray], chosen: np.ndarray, tests: Dict[str, Dict],
+                     circular=("hue",)) -> bytes:
+    """Small multiples, one per attribute: its distribution per top-1 expert (box plots; circular attributes:
+    histograms over 0–360°), titled with the effect size and the BH-adjusted p-value."""
+    names = list(attrs)
+    cols = min(3, len(names))
+    rws = -(-len(names) // cols)
+    fig, axes = plt.subplots(rws, cols, figsize=(3.6 * cols, 2.6 * rws), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    experts = np.unique(chosen)
+    pal = expert_palette(int(experts.max()) + 1 if experts.size else 1) / 255.0
+    for ax, name in zip(axes.flat, names):
+        v = np.asarray(attrs[name], dtype=np.float64)
+        groups = [v[(chosen == e) & np.isfinite(v)] for e in experts]
+        if name in circular:
+            bins = np.linspace(0, 360, 37)
+            for e, g in zip(experts, groups):
+                if g.size:
+                    h, _ = np.histogram(g, bins)
+                    ax.step(bins[:-1], h / g.size, where="post", color=pal[e], label=f"E{e}")
+            ax.set_xlim(0, 360)
+            ax.set_xlabel("degrees", fontsize=7)
+            ax.legend(fontsize=6)
+        else:
+            ax.boxplot([g if g.size else [np.nan] for g in groups], showfliers=False)
+            ax.set_xticks(range(1, len(experts) + 1), [f"E{e}" for e in experts], fontsize=7)
+        t = tests.get(name, {})
+        p = t.get("p_bh", t.get("p_perm"))
+        ptxt = f"{p:.3g}" if isinstance(p, (int, float)) else "–"
+        ax.set_title(f"{name}: {t.get('effect_name', '')} {t.get('effect', 0):.3f}, p_BH {ptxt}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def dynamics_plot(d: Dict, epochs: Sequence[int], title: str = "") -> bytes:
+    """Specialisation (NMI vs its null max), stability (kept share, ARI) and top-1 shares over training."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    ax = axes[0]
+    for j, (lvl, s) in enumerate(d["specialisation"].items()):
+        col = f"C{j}"
+        ax.plot(epochs, s["nmi"], marker=".", color=col, label=f"NMI {lvl}")
+        ax.plot(epochs, s["nmi_null_max"], ls="--", color=col, lw=0.8, label=f"null max {lvl}")
+        if s.get("specialised_from") is not None:
+            ax.axvline(s["specialised_from"], color=col, ls=":", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("NMI(top-1 expert, labels)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    if d["kept_share"]:
+        ax.plot(epochs[1:], d["kept_share"], marker=".", label="kept top-1 expert")
+        ax.plot(epochs[1:], d["ari"], marker=".", label="ARI to previous")
+    ax.plot(epochs, d["agreement_with_final"], ls="--", label="same expert as at the end")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("share / ARI")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    share = np.asarray(d["top1_share"])
+    for e in range(share.shape[1]):
+        ax.plot(epochs, share[:, e], marker=".", label=f"E{e}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 share of probe images")
+    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _png(fig)

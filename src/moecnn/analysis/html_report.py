@@ -98,6 +98,181 @@ def _verdict(s: Dict, what: str) -> str:
                "No evidence that experts specialise on the " + what + ".") + "</p>")
 
 
+def _fig(path: Path, alt: str, caption: str, width: Optional[int] = None) -> str:
+    """A figure with the one sentence under it that says what it shows."""
+    return f"<figure>{_img(path, alt, width)}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _p(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.3g}"
+
+
+def _sig(t: Dict) -> str:
+    s = t.get("significant_bh")
+    return "–" if s is None else ("yes" if s else "no")
+
+
+def _attribute_section(F: Dict[str, Path], L: Dict, alpha: float) -> str:
+    tests = L.get("attribute_tests") or {}
+    if not tests:
+        return ""
+    h = ["<h3>Which image attributes does routing follow?</h3><p class='explain'>Attributes computed from the "
+         "pixels of every image (hue: angle of the mean opponent-colour vector, circular; saturation; brightness = "
+         "mean luma; contrast = luma standard deviation; high-frequency share of the luma spectrum; share of Sobel "
+         "edge pixels) against the image's top-1 expert. Hue: circular η² of unit hue vectors; the others: "
+         "Kruskal–Wallis H with ε² = H/(n−1). p from a permutation null (images reassigned to experts at random); "
+         f"p<sub>BH</sub> after Benjamini–Hochberg over all tests of this run (FDR {alpha:g}).</p>"]
+    rows = []
+    for a, t in tests.items():
+        per = t.get("group_median") or t.get("group_mean") or {}
+        rows.append([a, t["test"], t["statistic"], f"{t['effect_name']} {t['effect']:.3f}", _p(t["p_perm"]),
+                     _p(t.get("p_bh")), _sig(t), ", ".join(f"E{k}: {v:.3g}" for k, v in per.items()),
+                     t.get("degenerate") or ""])
+    h.append(_table(["attribute", "test", "statistic", "effect size", "p (perm.)", "p BH", "significant",
+                     "per expert (median; hue: circular mean °)", "note"], rows, digits=3))
+    if "attributes" in F:
+        h.append(_fig(F["attributes"], "attributes by expert", "Each panel shows how one pixel attribute is "
+                      "distributed over the images of each top-1 expert (titles: effect size and BH-adjusted p)."))
+    ct = L.get("concept_tests")
+    if ct:
+        t = ct["test"]
+        h.append(f"<h4>Concept labels</h4><p class='explain'>Concepts from <code>{_e(ct['file'])}</code> "
+                 f"({ct['n_labelled']} labelled images): χ² of the concept × top-1 expert table against a permutation "
+                 "null; Cramér's V and NMI as effect sizes.</p>")
+        h.append(f"<p>χ² = {t['statistic']:.3g}, Cramér's V = {t['effect']:.3f}, NMI = {t.get('nmi', 0):.3f}, "
+                 f"p = {_p(t['p_perm'])}, p<sub>BH</sub> = {_p(t.get('p_bh'))} (significant: {_sig(t)}).</p>")
+        n = len(ct["counts"][0]) if ct["counts"] else 0
+        h.append(_table(["concept"] + [f"E{i}" for i in range(n)], [[c] + r for c, r in zip(ct["concepts"],
+                                                                                          ct["counts"])]))
+        if "concepts" in F:
+            h.append(_fig(F["concepts"], "concepts by expert", "Each row shows how the images with one concept "
+                          "label are shared among the top-1 experts.", 520))
+    return "\n".join(h)
+
+
+def _gate_attribution_section(F: Dict[str, Path], L: Dict) -> str:
+    g = L.get("gate_attribution")
+    if not g:
+        return ""
+    h = ["<h3>Why this expert? Gate attribution</h3><p class='explain'>Grad-CAM (Selvaraju et al. 2017) of each "
+         "expert's gate logit" + (" and routing weight" if "weight" in g["targets"] else "") + " at the feature "
+         f"map the gate reads ({g['feature_size'][0]}×{g['feature_size'][1]}, upsampled), averaged over the "
+         f"{g['n_images']} attribution images routed to the expert (top-1); Integrated Gradients (Sundararajan et "
+         f"al. 2017, {g['ig_steps']} steps, baseline = dataset-mean colour) of the same outputs at the pixels, "
+         "positive part, averaged over each expert's example images (computed with captum).</p>"]
+    com = g.get("logit", {}).get("gradcam_center_of_mass") or []
+    if com:
+        h.append(_table(["expert", "images routed", "Grad-CAM centre of mass (row, col; 0–1)"],
+                        [[f"E{e}", g["routed"][e], "–" if c is None else f"({c[0]:.2f}, {c[1]:.2f})"]
+                         for e, c in enumerate(com)]))
+    if "attribution_mean" in F:
+        h.append(_fig(F["attribution_mean"], "mean attribution maps", "Columns are experts: the mean of the images "
+                      "routed to each expert, then where its gate logit/weight attends on average (Grad-CAM, IG+)."))
+    if "attribution_examples" in F:
+        h.append(_fig(F["attribution_examples"], "attribution examples", "Each row shows the images an expert's gate "
+                      "weights most, each followed by its Grad-CAM and positive Integrated Gradients map for that "
+                      "expert's logit."))
+    return "\n".join(h)
+
+
+def _contribution_section(F: Dict[str, Path], L: Dict) -> str:
+    c = L.get("contribution")
+    if not c:
+        return ""
+    h = ["<h3>What does each expert add? Expert contribution</h3><p class='explain'>For each of "
+         f"{c['n_images']} images the layer is forced to one expert (all others off) and the logits are compared "
+         "with the layer's own routing: Δ true-class logit (positive = the expert alone gives more evidence for "
+         "the right class), the size of the whole change ‖Δ logits‖, accuracy when forced, and the share of "
+         f"predictions that change. Accuracy with the own routing: {c['accuracy_default']:.1f} %.</p>"]
+    rows = []
+    for p in c["per_expert"]:
+        rows.append([f"E{p['expert']}", p["delta_true_mean"], p.get("delta_true_mean_not_routed"),
+                     p["delta_norm_mean"], p["accuracy_forced"], p["prediction_changed"],
+                     ", ".join(f"{x['class']} ({x['delta_true']:+.2f})" for x in p["helps"]) or "–",
+                     ", ".join(f"{x['class']} ({x['delta_true']:+.2f})" for x in p["hurts"]) or "–"])
+    h.append(_table(["expert", "Δ true logit", "Δ (routed elsewhere)", "‖Δ logits‖", "accuracy forced %",
+                     "predictions changed", "helps most (classes)", "hurts most (classes)"], rows, digits=3))
+    pairs = c["interchangeability"]["pairs"][:5]
+    if pairs:
+        h.append("<p>Most interchangeable pairs (same prediction when forced to either): " + "; ".join(
+            f"E{p['pair'][0]}–E{p['pair'][1]} {100 * p['prediction_agreement']:.0f} % (logit correlation "
+            f"{p['logit_correlation']:.2f})" for p in pairs) + ".</p>")
+    g = []
+    if "contribution" in F:
+        g.append(_fig(F["contribution"], "contribution", "Mean change of the true-class logit when the layer is "
+                      "forced to each expert instead of its own routing.", 420))
+    if "interchangeability" in F:
+        g.append(_fig(F["interchangeability"], "interchangeability", "Share of images on which forcing the row "
+                      "expert and forcing the column expert give the same prediction (high = interchangeable).", 420))
+    h.append('<div class="grid">' + "".join(g) + "</div>")
+    if "contribution_examples" in F:
+        h.append(_fig(F["contribution_examples"], "contribution examples", "Per expert, the images where forcing "
+                      "it raises (+) or lowers (−) the true-class logit most, each with the Integrated Gradients of "
+                      "that change (positive part for +, negative part for −)."))
+    return "\n".join(h)
+
+
+def _tests_section(summary: Dict) -> str:
+    t = summary.get("tests")
+    if not t or not t.get("family"):
+        return ""
+    h = ["<h2 id='tests'>All tests of this run (Benjamini–Hochberg)</h2>",
+         f"<p class='explain'>{t['n_tests']} tests (specialisation, attributes, concepts, layer flow) corrected "
+         f"together with {_e(t['method'])} at FDR {t['alpha']:g}; {t['n_significant']} are significant.</p>"]
+    rows = [[r["layer"], r["kind"], r["name"], r["statistic"], f"{r['effect_name']} {r['effect']:.3f}", _p(r["p"]),
+             _p(r["p_bh"]), "yes" if r["significant"] else "no"] for r in t["family"]]
+    h.append("<details><summary>the family of tests</summary>" + _table(
+        ["layer", "kind", "test", "statistic", "effect", "p", "p BH", "significant"], rows, left_cols=3) + "</details>")
+    return "\n".join(h)
+
+
+def _flow_section(run_dir: Path, summary: Dict) -> str:
+    fl = summary.get("flow")
+    if not fl or not fl.get("pairs"):
+        return ""
+    an = run_dir / "analysis"
+    h = ["<h2 id='flow'>Layer-to-layer flow</h2><p class='explain'>Does the expert an image takes in one MoE layer "
+         "predict the expert it takes in the next? Rows: top-1 expert in the earlier layer; cells: share of those "
+         "images going to each expert of the next layer. NMI between the two choices against a permutation null; "
+         "Cramér's V.</p>"]
+    for p in fl["pairs"]:
+        key = f"{p['from']}->{p['to']}"
+        h.append(f"<p><code>{_e(p['from'])}</code> → <code>{_e(p['to'])}</code>: NMI {p['nmi']:.3f} (null max "
+                 f"{p['nmi_null_max']:.4f}, p = {_p(p['nmi_p'])}, p<sub>BH</sub> = {_p(p.get('p_bh'))}), Cramér's V "
+                 f"{p['cramers_v']:.3f}.</p>")
+        if key in fl.get("figures", {}):
+            h.append(_fig(an / fl["figures"][key], f"flow {key}", "Each row shows where the images of one expert of "
+                          "the earlier layer go in the next layer.", 520))
+    return "\n".join(h)
+
+
+def _dynamics_section(run_dir: Path, summary: Dict) -> str:
+    dyn = summary.get("dynamics")
+    if not dyn:
+        return ""
+    an = run_dir / "analysis"
+    h = ["<h2 id='dynamics'>Routing dynamics during training</h2><p class='explain'>The routing of a fixed set of "
+         f"{dyn['n_probe']} probe images at each of {len(dyn['epochs'])} evaluations: NMI between the top-1 expert "
+         f"and the labels with its permutation null maximum ({dyn['n_perm']} permutations), the share of probe "
+         "images that keep their top-1 expert from one evaluation to the next, the adjusted Rand index between "
+         "consecutive routings (invariant to experts swapping roles), and each expert's top-1 share.</p>"]
+    for name, d in dyn["per_layer"].items():
+        parts = []
+        for lvl, s in d["specialisation"].items():
+            f = s.get("specialised_from")
+            parts.append(f"above its null from epoch {f} on ({lvl})" if f is not None
+                         else f"not above its null at the end ({lvl})")
+        st = d.get("stable_from")
+        stab = (f"from epoch {st} on every evaluation keeps ≥ {100 * dyn['stable_share']:.0f} % of the probe images' "
+                "experts" if st is not None else f"routing never settles to ≥ {100 * dyn['stable_share']:.0f} % kept")
+        h.append(f"<p><code>{_e(name)}</code>: NMI {'; '.join(parts)}; {stab}.</p>")
+        if name in dyn.get("figures", {}):
+            h.append(_fig(an / dyn["figures"][name], f"dynamics {name}", "Left: when the experts specialise (NMI "
+                          "above the dashed null); middle: whether images stay with their expert; right: each "
+                          "expert's share of the probe images over training."))
+    return "\n".join(h)
+
+
 def _layer_section(run_dir: Path, name: str, L: Dict, summary: Dict, idx: int) -> str:
     an = run_dir / "analysis"
     F = {k: an / v for k, v in L.get("figures", {}).items()}
@@ -157,6 +332,10 @@ def _layer_section(run_dir: Path, name: str, L: Dict, summary: Dict, idx: int) -
     for lvl in ("superclass", "class"):
         if lvl in L["specialisation"]:
             h.append(_verdict(L["specialisation"][lvl], lvl))
+    alpha = (summary.get("tests") or {}).get("alpha", 0.05)
+    for part in (_attribute_section(F, L, alpha), _gate_attribution_section(F, L), _contribution_section(F, L)):
+        if part:
+            h.append(part)
     # t-SNE
     t = L.get("tsne", {})
     h.append(f"<h3>t-SNE of gate logits</h3><p class='explain'>t-SNE (scikit-learn, seed {t.get('seed')}) of the "
@@ -262,6 +441,9 @@ def build_html(run_dir, summary: Dict, extra_sections: Sequence[Tuple[str, str]]
     nav = [f"<a href='#layer{i}'>{_e(n)}</a>" for i, n in enumerate(layers)]
     if summary.get("accuracy"):
         nav.append("<a href='#accuracy'>accuracy</a>")
+    for key, label in (("tests", "tests"), ("flow", "flow"), ("dynamics", "dynamics")):
+        if summary.get(key):
+            nav.append(f"<a href='#{key}'>{label}</a>")
     if nav:
         parts.append("<nav>" + "".join(nav) + "</nav>")
     if layers:
@@ -281,6 +463,9 @@ def build_html(run_dir, summary: Dict, extra_sections: Sequence[Tuple[str, str]]
         parts.append(_acc_section(run_dir, summary["accuracy"], summary))
     for i, n in enumerate(layers):
         parts.append(_layer_section(run_dir, n, summary["per_layer"][n], summary, i))
+    for part in (_flow_section(run_dir, summary), _dynamics_section(run_dir, summary), _tests_section(summary)):
+        if part:
+            parts.append(part)
     for title, body in extra_sections:
         parts.append(f"<h2>{_e(title)}</h2>\n{body}")
     parts.append("</body></html>")

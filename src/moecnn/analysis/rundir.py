@@ -7,6 +7,10 @@ Inputs read from a run directory (each optional except a routing source):
 - ``analysis/routing_<split>.npz``      the same format, cached by ``analyze`` when it had to run the model
 - ``eval/{<split>,k_sweep,forced,disabled,dense}.json``  accuracies from ``moecnn eval``
 - ``metrics.jsonl``                     per-epoch utilisation during training
+- ``probe_routing.npz``                 a fixed probe set's routing at each evaluation during training
+                                        (``read_probe_routing``)
+
+and, named on the command line, a concepts CSV ``image_id,concept`` (``read_concepts``).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import numpy as np
 
 from . import stats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+PROBE_FILE = "probe_routing.npz"
 ROUTING_FIELDS = ("logits", "weights", "top1")
 
 
@@ -138,6 +143,107 @@ def read_eval_accuracy(run_dir: Path, split: str = "test") -> Optional[Dict]:
         t = json.loads(tta.read_text())
         out["tta_flip"] = {k: t[k] for k in keep if k in t}
     return out
+
+
+def read_concepts(path, n_images: int, split: str = "test") -> tuple[np.ndarray, List[str]]:
+    """Concept labels from a CSV of ``image_id,concept`` rows (a header line ``image_id,concept`` is optional;
+    ``image_id`` = row index in the analysed split's routing file, one concept per image).
+
+    Returns (codes (n_images,) int64, -1 for images without a concept; concept names, code i = names[i], in
+    order of first appearance). Bad files raise a one-line ``ValueError`` naming the file, the line and the fix.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"concepts file {path} not found (expected a CSV of image_id,concept rows)")
+    codes = np.full(int(n_images), -1, dtype=np.int64)
+    names: Dict[str, int] = {}
+    first_line = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"concepts file {path} is not UTF-8 text ({e.reason}); write it as a UTF-8 CSV") from None
+    for line, row in enumerate(rows, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        cells = [c.strip() for c in row]
+        if line == 1 and cells[0].lower() == "image_id":
+            continue
+        if len(cells) != 2:
+            raise ValueError(f"{path}, line {line}: expected 2 fields 'image_id,concept', got {len(cells)}: "
+                             f"{','.join(cells)[:80]!r}")
+        sid, concept = cells
+        try:
+            i = int(sid)
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: image_id {sid[:40]!r} is not an integer (use the row index of "
+                             f"the image in the {split} routing file)") from None
+        if not 0 <= i < n_images:
+            raise ValueError(f"{path}, line {line}: image_id {i} is outside 0..{n_images - 1} (the analysed {split} "
+                             f"split has {n_images} images)")
+        if not concept:
+            raise ValueError(f"{path}, line {line}: empty concept for image_id {i}")
+        if codes[i] >= 0:
+            raise ValueError(f"{path}, line {line}: image_id {i} already has a concept (line {first_line[i]}); "
+                             "give one concept per image")
+        codes[i] = names.setdefault(concept, len(names))
+        first_line[i] = line
+    if len(names) < 2:
+        raise ValueError(f"{path}: found {len(names)} distinct concept(s) in {int((codes >= 0).sum())} rows; a "
+                         "concept test needs at least 2")
+    return codes, list(names)
+
+
+def read_probe_routing(run_dir) -> Optional[Dict[str, Any]]:
+    """The probe set's routing over training from ``RUN_DIR/probe_routing.npz`` (None when the file is absent).
+
+    Layout (written by the training loop at each evaluation): ``epochs`` (E,) int (0-based epoch of each row),
+    ``labels`` (P,) int, optional ``superlabels`` (P,) int, ``layers`` (L,) str, and per layer name
+    ``<layer>/top1`` (E, P) int and ``<layer>/weights`` (E, P, N) float. Returns {"epochs", "labels",
+    "superlabels" (or None), "layers": {name: {"top1", "weights"}}, "file"}; a malformed file raises a one-line
+    ``ValueError`` naming the file and the key.
+    """
+    f = Path(run_dir) / PROBE_FILE
+    if not f.is_file():
+        return None
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise ValueError(f"{f}: not a readable .npz file ({type(e).__name__}: {e}); delete it or rewrite it") from None
+
+    def need(key):
+        if key not in data:
+            raise ValueError(f"{f}: missing key '{key}' (expected epochs, labels, layers, <layer>/top1, "
+                             "<layer>/weights)")
+        return data[key]
+
+    epochs = np.asarray(need("epochs")).astype(np.int64).reshape(-1)
+    labels = np.asarray(need("labels")).astype(np.int64).reshape(-1)
+    e, p = epochs.size, labels.size
+    sup = data.get("superlabels")
+    if sup is not None:
+        sup = np.asarray(sup).astype(np.int64).reshape(-1)
+        if sup.size != p:
+            raise ValueError(f"{f}: 'superlabels' has {sup.size} entries but 'labels' has {p}")
+    if e == 0 or np.any(np.diff(epochs) <= 0):
+        raise ValueError(f"{f}: 'epochs' must be a non-empty increasing array, got {epochs.tolist()[:10]}")
+    layers = {}
+    for name in [str(s) for s in np.asarray(need("layers")).reshape(-1)]:
+        top1 = np.asarray(need(f"{name}/top1")).astype(np.int64)
+        w = np.asarray(need(f"{name}/weights")).astype(np.float32)
+        if top1.shape != (e, p):
+            raise ValueError(f"{f}: '{name}/top1' has shape {top1.shape}, expected (epochs, probe images) = {(e, p)}")
+        if w.ndim != 3 or w.shape[:2] != (e, p):
+            raise ValueError(f"{f}: '{name}/weights' has shape {w.shape}, expected ({e}, {p}, experts)")
+        if top1.size and (top1.min() < 0 or top1.max() >= w.shape[2]):
+            raise ValueError(f"{f}: '{name}/top1' holds expert ids outside 0..{w.shape[2] - 1}")
+        layers[name] = {"top1": top1, "weights": w}
+    if not layers:
+        raise ValueError(f"{f}: 'layers' is empty")
+    return {"epochs": epochs, "labels": labels, "superlabels": sup, "layers": layers, "file": str(f)}
 
 
 def read_config(run_dir: Path) -> Dict:

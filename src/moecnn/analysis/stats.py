@@ -326,3 +326,138 @@ def _iter_layer_util(rec: Dict):
         if layer not in seen:
             seen.add(layer)
             yield layer, vals
+
+
+# ---------------------------------------------------------------- attribute / concept association tests
+def _perm_result(res, n_perm: int, seed: int) -> Dict:
+    null = np.real(np.asarray(res.null_distribution)).astype(np.float64)
+    # complex data (the circular test) makes scipy's p-value complex-typed
+    return {"p_perm": float(np.real(res.pvalue)), "n_perm": int(n_perm), "seed": int(seed),
+            "null_mean": float(null.mean()) if null.size else None,
+            "null_q95": float(np.quantile(null, 0.95)) if null.size else None}
+
+
+def _degenerate(kind: str, effect_name: str, n: int, groups: int, why: str) -> Dict:
+    return {"test": kind, "statistic": 0.0, "p_perm": 1.0, "p_asymptotic": 1.0, "effect": 0.0,
+            "effect_name": effect_name, "n": int(n), "n_groups": int(groups), "degenerate": why}
+
+
+def _groups(values: np.ndarray, chosen: np.ndarray):
+    ids = np.unique(chosen)
+    return ids, [values[chosen == g] for g in ids]
+
+
+def association_continuous(values, chosen, n_perm: int = 200, seed: int = 0) -> Dict:
+    """Does a scalar attribute differ between the images of each top-1 expert?
+
+    Kruskal–Wallis H (:func:`scipy.stats.kruskal`) across the experts' groups, with a permutation null
+    (:func:`scipy.stats.permutation_test`, images reassigned to experts at random, group sizes kept) and the
+    effect size ε² = H / (n − 1) (Tomczak & Tomczak 2014). NaN values are left out. Also the median of the
+    attribute per expert (``group_median``, keyed by expert id).
+    """
+    from scipy import stats as ss
+
+    x = np.asarray(values, dtype=np.float64)
+    z = np.asarray(chosen, dtype=np.int64)
+    ok = np.isfinite(x)
+    x, z = x[ok], z[ok]
+    ids, groups = _groups(x, z)
+    n = int(x.size)
+    if len(ids) < 2:
+        return _degenerate("kruskal", "epsilon2", n, len(ids), "fewer than two experts chosen")
+    if np.ptp(x) == 0:
+        return _degenerate("kruskal", "epsilon2", n, len(ids), "the attribute is constant")
+    obs = ss.kruskal(*groups)
+    res = ss.permutation_test(groups, lambda *s, axis: ss.kruskal(*s, axis=axis).statistic,
+                              permutation_type="independent", vectorized=True, n_resamples=n_perm,
+                              alternative="greater", rng=seed)
+    return {"test": "kruskal", "statistic": float(obs.statistic), **_perm_result(res, n_perm, seed),
+            "p_asymptotic": float(obs.pvalue), "effect": float(obs.statistic / max(n - 1, 1)),
+            "effect_name": "epsilon2", "n": n, "n_groups": int(len(ids)),
+            "group_median": {str(int(g)): float(np.median(v)) for g, v in zip(ids, groups)}}
+
+
+def _eta2_unit(*samples, axis=-1):
+    """Between-group share of the squared deviations of unit vectors (complex numbers) from their mean."""
+    z = np.concatenate(samples, axis=axis)
+    mu = z.mean(axis=axis, keepdims=True)
+    total = (np.abs(z - mu) ** 2).sum(axis=axis)
+    between = sum(s.shape[axis] * np.abs(s.mean(axis=axis) - np.squeeze(mu, axis)) ** 2 for s in samples)
+    return between / np.where(total > 0, total, 1.0)
+
+
+def association_circular(degrees, chosen, n_perm: int = 200, seed: int = 0) -> Dict:
+    """Does a circular attribute (an angle in degrees, e.g. hue) differ between the experts' images?
+
+    Each angle becomes the unit vector (cos θ, sin θ); the statistic is η² = between-expert sum of squares /
+    total sum of squares of those vectors (the circular analogue of one-way ANOVA's η², as in the
+    Watson–Williams test), with a permutation null (:func:`scipy.stats.permutation_test`). It is also the
+    effect size (0 = same mean direction, 1 = every expert's images share one angle). NaN angles are left out.
+    ``group_mean`` is each expert's circular mean angle (:func:`scipy.stats.circmean`).
+    """
+    from scipy import stats as ss
+
+    a = np.asarray(degrees, dtype=np.float64)
+    z = np.asarray(chosen, dtype=np.int64)
+    ok = np.isfinite(a)
+    a, z = a[ok], z[ok]
+    ids, groups = _groups(np.exp(1j * np.radians(a)), z)
+    n = int(a.size)
+    if len(ids) < 2:
+        return _degenerate("circular_eta2", "eta2", n, len(ids), "fewer than two experts chosen")
+    obs = float(_eta2_unit(*groups))
+    if np.abs(np.exp(1j * np.radians(a)) - np.exp(1j * np.radians(a)).mean()).max() == 0:
+        return _degenerate("circular_eta2", "eta2", n, len(ids), "the attribute is constant")
+    res = ss.permutation_test(groups, _eta2_unit, permutation_type="independent", vectorized=True,
+                              n_resamples=n_perm, alternative="greater", rng=seed)
+    means = {str(int(g)): float(ss.circmean(a[z == g], high=360.0, low=0.0)) for g in ids}
+    return {"test": "circular_eta2", "statistic": obs, **_perm_result(res, n_perm, seed), "p_asymptotic": None,
+            "effect": obs, "effect_name": "eta2", "n": n, "n_groups": int(len(ids)), "group_mean": means}
+
+
+def association_categorical(categories, chosen, n_perm: int = 200, seed: int = 0) -> Dict:
+    """Is the top-1 expert independent of a categorical label (a concept, an FPN level)?
+
+    Pearson χ² of the category × expert table (:func:`scipy.stats.chi2_contingency`, no continuity
+    correction) with a permutation null (categories shuffled over images, :func:`scipy.stats.permutation_test`);
+    effect sizes Cramér's V (:func:`scipy.stats.contingency.association`) and NMI (scikit-learn). Negative
+    categories mean "unlabelled" and are left out. ``table`` = counts, rows = categories in sorted order
+    (``categories``), columns = experts in sorted order (``experts``).
+    """
+    from scipy import stats as ss
+    from scipy.stats.contingency import association, crosstab
+    from sklearn.metrics import normalized_mutual_info_score
+
+    c = np.asarray(categories, dtype=np.int64)
+    z = np.asarray(chosen, dtype=np.int64)
+    ok = c >= 0
+    c, z = c[ok], z[ok]
+    n = int(c.size)
+    (cats, exps), table = crosstab(c, z)
+    base = {"table": table.tolist(), "categories": cats.tolist(), "experts": exps.tolist()}
+    if len(cats) < 2 or len(exps) < 2:
+        return {**_degenerate("chi2", "cramers_v", n, len(exps), "fewer than two categories or experts"),
+                **base, "nmi": 0.0}
+    obs = ss.chi2_contingency(table, correction=False)
+
+    def chi2(cc):
+        return ss.chi2_contingency(crosstab(cc, z).count, correction=False).statistic
+
+    res = ss.permutation_test((c,), chi2, permutation_type="pairings", vectorized=False, n_resamples=n_perm,
+                              alternative="greater", rng=seed)
+    return {"test": "chi2", "statistic": float(obs.statistic), **_perm_result(res, n_perm, seed),
+            "p_asymptotic": float(obs.pvalue), "dof": int(obs.dof),
+            "effect": float(association(table, method="cramer")), "effect_name": "cramers_v",
+            "nmi": float(normalized_mutual_info_score(c, z)), "n": n, "n_groups": int(len(exps)), **base}
+
+
+def bh_adjust(pvalues: Sequence[float], alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini–Hochberg (1995) over a family of p-values (statsmodels ``multipletests``, ``fdr_bh``):
+    (reject bools, adjusted p-values)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(list(pvalues), dtype=np.float64)
+    if p.size == 0:
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    reject, p_adj, _, _ = multipletests(p, alpha=alpha, method="fdr_bh")
+    return reject, p_adj
