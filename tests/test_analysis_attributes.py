@@ -84,3 +84,16 @@ def test_association_categorical_and_bh():
     assert reject.tolist() == [True, True, True, True, False]
     assert adj.tolist() == pytest.approx([0.005, 0.025, 1 / 30, 0.05, 0.3])
     assert stats.bh_adjust([])[0].size == 0
+
+
+def test_an_expert_with_one_image_is_left_out_of_the_tests():
+    """Early in training an expert may get a single image: the tests run on the other experts."""
+    from moecnn.analysis import stats
+
+    rng = np.random.default_rng(0)
+    x, z = rng.normal(size=41), np.array([0] * 20 + [1] * 20 + [2])
+    r = stats.association_continuous(x, z, n_perm=50)
+    assert r["n_groups"] == 2 and r["n"] == 40 and 0 < r["p_perm"] <= 1
+    c = stats.association_circular(rng.uniform(0, 360, 41), z, n_perm=50)
+    assert c["n_groups"] == 2 and c["n"] == 40
+    assert stats.association_continuous(x[:21], z[20:], n_perm=50)["degenerate"]

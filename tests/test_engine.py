@@ -395,3 +395,23 @@ def test_eval_results_of_an_earlier_checkpoint_are_not_reported(stopped, tmp_pat
     (row,) = json.loads(capsys.readouterr().out)
     final = json.loads((d / "final.json").read_text())
     assert row["test_top1"] == pytest.approx(final["test"]["top1"]) and row.get("stale_eval") and not row["k_sweep"]
+
+
+def test_report_after_resume_uses_the_new_checkpoint(stopped, tmp_path):
+    """train 1 epoch → eval → analyze → --resume → report: the report's accuracy is the resumed model's (final.json),
+    not the stale eval of the first epoch; the stale files are named in the notes."""
+    from moecnn.analysis import report
+
+    d = _copy(stopped, tmp_path)
+    assert main(["eval", str(d), "--device", "cpu"]) == 0
+    assert main(["analyze", str(d), "--max-tsne", "30", "--n-perm", "20"]) == 0
+    old = json.loads((d / "analysis" / "summary.json").read_text())
+    assert old["accuracy"]["default"]["top1"] == pytest.approx(json.loads((d / "eval" / "test.json").read_text())["top1"])
+    assert main(["train", "--resume", str(d)]) == 0
+    report(d)
+    new = json.loads((d / "analysis" / "summary.json").read_text())
+    final = json.loads((d / "final.json").read_text())
+    assert new["checkpoint"] != old["checkpoint"]
+    assert new["accuracy"]["default"]["top1"] == pytest.approx(final["test"]["top1"], abs=1e-6)
+    assert any("earlier checkpoint" in n for n in new["notes"])
+    assert "routing_test.npz" not in new["sources"]["routing"] or "analysis" in new["sources"]["routing"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import explain, stats
 from .compute import _accuracy_from_preds, compute_accuracy, compute_routing, load_for_analysis
-from .rundir import (SCHEMA_VERSION, _finite, _json_default, _slug, _write, load_routing, read_concepts, read_config,
+from .rundir import (SCHEMA_VERSION, checkpoint_record, is_current, _finite, _json_default, _slug, _write, load_routing, read_concepts, read_config,
                      read_eval_accuracy, read_metrics, routing_file, save_routing)
 
 
@@ -88,12 +88,14 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
 
             det = analyze_detection(run_dir, device=device, n_perm=n_perm, alpha=alpha)
             summary["tests"] = det.get("tests")
+            summary["checkpoint"] = checkpoint_record(run_dir)
             note = "detection run: size/level analysis in analysis/detection_summary.json (also under 'detection')"
         summary.update({"layers": [], "per_layer": {}, "detection": det, "notes": [note]})
         (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=_json_default))
         return summary
 
     bundle = None
+    from_run = routing is None and model is None  # routing and model come from the run's own files
     steps = tqdm(total=8, desc="analyze", disable=not progress)
     try:
 
@@ -132,7 +134,7 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                 else:
                     raise ValueError("images without labels: pass labels= or routing= (with labels)")
                 rt = compute_routing(model, images, labels_arr, mean, std, device=device, progress=progress)
-                save_routing(out / f"routing_{split}.npz", rt)
+                save_routing(out / f"routing_{split}.npz", rt, checkpoint_record(run_dir))
                 source = f"computed with the model ({out / f'routing_{split}.npz'})"
         labels = rt["labels"]
         m_img = labels.shape[0]
@@ -186,6 +188,11 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
                         "superclass_names": list(superclass_names) if superclass_names else None,
                         "class_to_super": list(map(int, class_to_super)) if class_to_super is not None else None,
                         "sources": {"routing": source}})
+        if from_run and checkpoint_record(run_dir) is not None:
+            summary["checkpoint"] = checkpoint_record(run_dir)  # what report() checks before reusing this summary
+        if (run_dir / "eval" / f"{split}.json").is_file() and read_eval_accuracy(run_dir, split) is None:
+            notes.append(f"eval/{split}*.json came from an earlier checkpoint of this run and were not used; run "
+                         f"'moecnn eval {run_dir}' again")
         steps.update(1)
 
         # ---- layers
@@ -418,7 +425,8 @@ def analyze(run_dir, split: str = "test", layer: Optional[str] = None, max_tsne:
     return summary
 
 
-_TOP_ORDER = ("schema_version", "run_dir", "split", "task", "created", "n_images", "layers", "headline", "sources",
+_TOP_ORDER = ("schema_version", "run_dir", "split", "task", "created", "checkpoint", "n_images", "layers", "headline",
+              "sources",
               "notes", "params", "timing_s", "tests", "per_layer", "flow", "dynamics", "accuracy", "training",
               "detection", "class_names", "superclass_names", "class_to_super")
 _LAYER_ORDER = ("num_experts", "spatial_averaged", "utilisation", "specialisation", "attribute_tests",
@@ -503,6 +511,6 @@ def report(run_dir) -> Path:
 
     run_dir = Path(run_dir)
     f = run_dir / "analysis" / "summary.json"
-    if not f.is_file():
-        analyze(run_dir)
+    if not f.is_file() or not is_current(run_dir, json.loads(f.read_text()).get("checkpoint")):
+        analyze(run_dir)  # none yet, or made from an earlier checkpoint of this run
     return write_report(run_dir)

@@ -89,22 +89,54 @@ def load_routing(src) -> Dict[str, Any]:
     return res
 
 
+def checkpoint_record(run_dir) -> Optional[Dict[str, str]]:
+    """{"checkpoint": "last", "checkpoint_sha256": ...} of the run's checkpoint as it is now (None without one)."""
+    from ..train.runs import checkpoint_path, fingerprint
+
+    ck = checkpoint_path(Path(run_dir), "last")
+    return {"checkpoint": "last", "checkpoint_sha256": fingerprint(ck)} if ck.is_file() else None
+
+
+def is_current(run_dir, record: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a derived file (its ``checkpoint`` / ``checkpoint_sha256`` fields) comes from the checkpoint the run
+    has now; files without a fingerprint (moecnn 0.1) count as current."""
+    from ..train.runs import is_current as _current
+
+    return _current(Path(run_dir), dict(record) if record is not None else None)
+
+
+def _npz_record(path: Path) -> Optional[Dict[str, str]]:
+    with np.load(path, allow_pickle=False) as z:
+        if "checkpoint_sha256" not in z.files:
+            return None
+        return {"checkpoint": "last", "checkpoint_sha256": str(z["checkpoint_sha256"])}
+
+
 def routing_file(run_dir, split: str = "test") -> Optional[Path]:
     """The run's saved routing on ``split``: ``eval/routing_<split>.npz`` (``moecnn eval``), else
-    ``analysis/routing_<split>.npz`` unless the checkpoint is newer than it; None when there is none."""
+    ``analysis/routing_<split>.npz``; a file made from another checkpoint than the run's current one is passed
+    over (files without a fingerprint: the analysis copy only when it is newer than the checkpoint). None when
+    there is none."""
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoint.pt"
     evaluated, analysed = run_dir / "eval" / f"routing_{split}.npz", run_dir / "analysis" / f"routing_{split}.npz"
-    if evaluated.is_file():
+    if evaluated.is_file() and is_current(run_dir, _npz_record(evaluated)):
         return evaluated
-    if analysed.is_file() and not (ck.is_file() and ck.stat().st_mtime > analysed.stat().st_mtime):
-        return analysed
+    if analysed.is_file():
+        rec = _npz_record(analysed)
+        if rec is not None and is_current(run_dir, rec):
+            return analysed
+        if rec is None and not (ck.is_file() and ck.stat().st_mtime > analysed.stat().st_mtime):
+            return analysed
     return None
 
 
-def save_routing(path, routing: Mapping[str, Any]) -> None:
-    """Write normalised routing (from :func:`load_routing` or :func:`compute_routing`) as ``.npz``."""
+def save_routing(path, routing: Mapping[str, Any], checkpoint: Optional[Mapping[str, str]] = None) -> None:
+    """Write normalised routing (from :func:`load_routing` or :func:`compute_routing`) as ``.npz`` (with the
+    fingerprint of the ``checkpoint`` record it was computed from, when given)."""
     arrays = {"labels": np.asarray(routing["labels"]), "layers": np.array(list(routing["layers"]), dtype=str)}
+    if checkpoint is not None:
+        arrays["checkpoint_sha256"] = np.array(checkpoint["checkpoint_sha256"])
     for n, d in routing["layers"].items():
         arrays[f"{n}/logits"] = d["logits"]
         arrays[f"{n}/weights"] = d["weights"]
@@ -125,6 +157,8 @@ def read_eval_accuracy(run_dir: Path, split: str = "test") -> Optional[Dict]:
     keep = ("top1", "top5", "per_class", "per_superclass", "images", "loss")
     out: Dict[str, Any] = {"source": str(ev)}
     d = json.loads((ev / f"{split}.json").read_text())
+    if not is_current(run_dir, d):  # made from an earlier checkpoint (e.g. before --resume): not this model's
+        return None
     out["default"] = {k: d[k] for k in keep if k in d}
     from ..train.evaluate import suite_prefix
 

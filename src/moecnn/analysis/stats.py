@@ -343,7 +343,10 @@ def _degenerate(kind: str, effect_name: str, n: int, groups: int, why: str) -> D
 
 
 def _groups(values: np.ndarray, chosen: np.ndarray):
-    ids = np.unique(chosen)
+    """Expert ids and their values, experts with a single image left out (a permutation test needs two or more
+    observations per group; such images are not counted in ``n``)."""
+    ids, counts = np.unique(chosen, return_counts=True)
+    ids = ids[counts >= 2]
     return ids, [values[chosen == g] for g in ids]
 
 
@@ -362,7 +365,8 @@ def association_continuous(values, chosen, n_perm: int = 200, seed: int = 0) -> 
     ok = np.isfinite(x)
     x, z = x[ok], z[ok]
     ids, groups = _groups(x, z)
-    n = int(x.size)
+    n = int(sum(len(g) for g in groups))
+    x = np.concatenate(groups) if groups else x[:0]
     if len(ids) < 2:
         return _degenerate("kruskal", "epsilon2", n, len(ids), "fewer than two experts chosen")
     if np.ptp(x) == 0:
@@ -402,6 +406,8 @@ def association_circular(degrees, chosen, n_perm: int = 200, seed: int = 0) -> D
     ok = np.isfinite(a)
     a, z = a[ok], z[ok]
     ids, groups = _groups(np.exp(1j * np.radians(a)), z)
+    keep = np.isin(z, ids)
+    a, z = a[keep], z[keep]
     n = int(a.size)
     if len(ids) < 2:
         return _degenerate("circular_eta2", "eta2", n, len(ids), "fewer than two experts chosen")
