@@ -63,6 +63,65 @@ def _in_args(input, running_mean=None, running_var=None, weight=None, bias=None,
     return input, running_mean, running_var, use_input_stats
 
 
+class _MaskedBatchNorm(torch.autograd.Function):
+    """y = (x - mean)·invstd·w + b with per-channel statistics over the real rows only (``m``: float R × G).
+
+    Forward: one pass over x for per-row statistics, combined over the real rows with Chan et al.'s pairwise
+    formula (stable), then the normalisation as an inference-mode ``F.batch_norm`` (one kernel). Backward
+    (the statistics depend on the real rows only; the sums run over all rows, whose gradient is zero on
+    padding rows anyway): dx = w·invstd·(dy − m·(Σdy + x̂·Σdy·x̂)/n), dw = Σdy·x̂, db = Σdy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, eps):
+        r, ct = x.shape[:2]
+        g = m.shape[1]
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        sp = tuple(range(2, x.dim()))
+        if sp:
+            var_r, mu_r = torch.var_mean(xf, dim=sp, correction=0)
+        else:
+            var_r, mu_r = torch.zeros_like(xf), xf
+        cnt = m.sum(0)  # real rows per group
+        wr = (m / cnt.clamp_min(1)).unsqueeze(2)  # R × G × 1
+        mu_r, var_r = mu_r.view(r, g, -1), var_r.view(r, g, -1)
+        mean = (wr * mu_r).sum(0)  # G × C
+        var = (wr * (var_r + (mu_r - mean).square())).sum(0)
+        var = torch.where((cnt > 0).unsqueeze(1), var, 1.0).reshape(ct)  # idle group: padding only, kept finite
+        mean = mean.reshape(ct)
+        st = weight.dtype if weight is not None and weight.dtype != x.dtype else mean.dtype
+        y = F.batch_norm(x, mean.to(st), var.to(st), weight, bias, False, 0.0, eps)  # normalise: one kernel
+        ctx.save_for_backward(x, weight, m, mean, var, cnt)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var, cnt)
+        return y, mean, var, cnt
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dcnt):
+        x, weight, m, mean, var, cnt = ctx.saved_tensors
+        r, ct = x.shape[:2]
+        g = m.shape[1]
+        c = ct // g
+        nsp = x.dim() - 2
+        f = mean.dtype
+        invstd = torch.rsqrt(var + ctx.eps)
+        gc = (1, g, c) + (1,) * nsp  # broadcast over the R × G × C × ... view
+        xhat = torch.addcmul((-mean * invstd).view(gc), x.unflatten(1, (g, c)).to(f), invstd.view(gc))
+        dyf = dy.unflatten(1, (g, c)).to(f)
+        red = (0,) + tuple(range(3, 3 + nsp))
+        sum_dy = dyf.sum(red)  # G × C
+        sum_dyx = (dyf * xhat).sum(red)
+        n = (cnt.clamp_min(1) * math.prod(x.shape[2:])).unsqueeze(1)
+        corr = torch.addcmul((sum_dy / n).view(gc), xhat, (sum_dyx / n).view(gc)) * m.view(r, g, 1, *(1,) * nsp)
+        k = invstd if weight is None else invstd * weight.to(f)
+        dx = ((dyf - corr) * k.view(gc)).flatten(1, 2).to(x.dtype)
+        dw = sum_dyx.reshape(ct).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_dy.reshape(ct).to(x.dtype if weight is None else weight.dtype) \
+            if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
 def masked_batch_norm(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
                       eps: float, valid: torch.Tensor) -> torch.Tensor:
     """Batch norm whose statistics cover the rows marked in ``valid`` only.
@@ -71,38 +130,17 @@ def masked_batch_norm(x: torch.Tensor, running_mean, running_var, weight, bias, 
     over the real rows and all positions; a block with no real row normalises with mean 0, variance 1 (its
     rows are padding, kept finite) and leaves its running statistics untouched. Running variance: unbiased.
     """
-    r, ct = x.shape[:2]
-    g = valid.shape[1]
-    c = ct // g
-    xv = x.unflatten(1, (g, c))
-    xf = xv.float() if x.dtype in (torch.float16, torch.bfloat16) else xv
-    extra = [1] * (x.dim() - 2)
-    mb = valid.view(r, g, 1, *extra)
-    red = [0] + list(range(3, x.dim() + 1))
-    per_row = math.prod(x.shape[2:])
-    cnt = valid.sum(0).to(xf.dtype) * per_row  # G
-    has = cnt > 0
-    denom = cnt.clamp_min(1).unsqueeze(1)
-    zero = xf.new_zeros(())
-    mean = torch.where(mb, xf, zero).sum(red) / denom  # G × C
-    d = torch.where(mb, xf - mean.view(1, g, c, *extra), zero)
-    var = (d * d).sum(red) / denom
-    var = torch.where(has.unsqueeze(1), var, torch.ones_like(var))
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.view(g, c).to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.view(g, c).to(scale.dtype)
-    y = torch.addcmul(shift.view(1, g, c, *extra), xf, scale.view(1, g, c, *extra))
+    m = valid.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    y, mean, var, cnt = _MaskedBatchNorm.apply(x, weight, bias, m, eps)
     if training and running_mean is not None:
-        with torch.no_grad():
-            unbiased = var * (cnt / (cnt - 1).clamp_min(1)).unsqueeze(1)
-            h = has.unsqueeze(1)
-            rm, rv = running_mean.view(g, c), running_var.view(g, c)
-            rm.copy_(torch.where(h, torch.lerp(rm, mean.detach().to(rm.dtype), momentum), rm))
-            rv.copy_(torch.where(h, torch.lerp(rv, unbiased.detach().to(rv.dtype), momentum), rv))
-    return y.to(x.dtype).flatten(1, 2)
+        g = valid.shape[1]
+        with torch.no_grad():  # idle groups: weight 0, the running statistics stay bit-identical
+            n = (cnt * math.prod(x.shape[2:])).unsqueeze(1)
+            step = (n > 0).to(running_mean.dtype) * momentum
+            unbiased = var.view(g, -1) * (n / (n - 1).clamp_min(1))
+            running_mean.view(g, -1).lerp_(mean.view(g, -1).to(running_mean.dtype), step)
+            running_var.view(g, -1).lerp_(unbiased.to(running_var.dtype), step)
+    return y
 
 
 def _prefix_batch_norm(x, rm, rv, w, b, training, momentum, eps, n: int) -> torch.Tensor:

@@ -169,8 +169,8 @@ class StackedExperts(nn.ModuleList):
         if self.training:
             if valid is not None and self._nbt:  # BatchNorm counted a batch for every expert; undo for idle ones
                 idle = (~valid.any(0)).to(torch.long)
-                for i in self._nbt:
-                    state[self._slots[i].name].sub_(idle)
+                nbt = [state[self._slots[i].name] for i in self._nbt]
+                torch._foreach_sub_(nbt, [idle] * len(nbt))
             self._write_back(state)
         return ys
 
