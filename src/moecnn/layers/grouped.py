@@ -89,7 +89,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         var = (wr * (var_r + (mu_r - mean).square())).sum(0)
         var = torch.where((cnt > 0).unsqueeze(1), var, 1.0).reshape(ct)  # idle group: padding only, kept finite
         mean = mean.reshape(ct)
-        st = weight.dtype if weight is not None and weight.dtype != x.dtype else mean.dtype
+        st = weight.dtype if weight is not None else x.dtype
         y = F.batch_norm(x, mean.to(st), var.to(st), weight, bias, False, 0.0, eps)  # normalise: one kernel
         ctx.save_for_backward(x, weight, m, mean, var, cnt)
         ctx.eps = eps

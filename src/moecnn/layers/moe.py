@@ -9,6 +9,7 @@ last forward in ``layer.record`` (read them all with
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -97,7 +98,7 @@ def _normalise_balance(balance, balance_weight: float) -> tuple[Dict[str, float]
 def bucket_size(count: int, limit: int) -> int:
     """The smallest of a few static buffer sizes holding ``count`` rows, at most ``limit``.
 
-    1, 2, 4, 8, then four sizes per octave (10, 12, 14, 16, 20, 24, 28, 32, 40, ...): at most 25 % padding,
+    1, 2, 4, 8, then four sizes per octave (10, 12, 14, 16, 20, 24, 28, 32, 40, ...): above 8 rows at most 25 % padding,
     and a handful of distinct shapes over a training run (so cuDNN plans and autotuning are reused).
     """
     if count <= 8:
@@ -509,22 +510,27 @@ class MoE(nn.Module):
                _channels_last(x), torch.is_autocast_enabled(x.device.type))
         eng = self._engines.get(key)
         if eng is None:
-            measure = x.device.type == "cuda" and not (static and torch.compiler.is_compiling())
-            eng = self._measure(x, idx, w) if measure else "experts"
+            eng = self._measure(x, idx, w) if self._should_measure(x, static) else "experts"
             self._engines[key] = eng
         return eng
+
+    def _should_measure(self, x: torch.Tensor, static: bool) -> bool:
+        # CUDA only (on the CPU per-expert execution is the rule); not while tracing the sync-free capacity
+        # mode, where a measurement would break the graph
+        return x.device.type == "cuda" and not (static and torch.compiler.is_compiling())
 
     @torch.compiler.disable
     def _measure(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, reps: int = 3) -> str:
         """Time this call's dispatch per expert and channel-stacked (forward, and backward when training with
-        gradients), after one warm-up each; buffers and the RNG are restored. CUDA only."""
+        gradients), after one warm-up each (cuDNN plans, autotuning); buffers and the RNG are restored."""
         bufs = list(self.experts.buffers())
         saved = [b.clone() for b in bufs]
         grad = torch.is_grad_enabled() and self.training
         xd = x.detach().requires_grad_(grad)
         params = [p for p in self.experts.parameters() if p.requires_grad] if grad else []
+        cuda = x.device.type == "cuda"
         times = {}
-        with torch.random.fork_rng(devices=[x.device]):
+        with torch.random.fork_rng(devices=[x.device] if cuda else []):
             for eng in ("experts", "stacked"):
                 def once():
                     y, _ = self._dispatch(xd, idx, w.detach(), engine=eng)
@@ -532,13 +538,14 @@ class MoE(nn.Module):
                         torch.autograd.grad(y, [xd] + params, torch.ones_like(y), allow_unused=True)
 
                 once()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                t0 = time.perf_counter()
                 for _ in range(reps):
                     once()
-                end.record()
-                end.synchronize()
-                times[eng] = start.elapsed_time(end)
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                times[eng] = time.perf_counter() - t0
         with torch.no_grad():
             for b, s in zip(bufs, saved):
                 b.copy_(s)
