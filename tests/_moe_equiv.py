@@ -7,7 +7,7 @@ import torch
 
 import moecnn
 
-EXACT = dict(stacked=False, bucketed=False)  # the reference: each expert on exactly its own sub-batch
+EXACT = dict(stacked=False, bucketed=False, capacity_factor=None)  # each expert on exactly its own sub-batch
 
 
 def twins(experts, k=2, ref=EXACT, **kw):

@@ -225,7 +225,7 @@ class MoE(nn.Module):
         else:
             try:
                 self.experts = StackedExperts(experts, in_channels)
-            except ValueError:
+            except Exception:  # noqa: BLE001 - whatever fails to stack runs per expert
                 self.experts = nn.ModuleList(experts)
         self.stacked = stacked
         self.bucketed = bool(bucketed)

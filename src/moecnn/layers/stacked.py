@@ -201,10 +201,14 @@ class StackedExperts(nn.ModuleList):
         saved = [b.clone() for b in self.buffers()]
         try:
             self.eval()
-            ref = torch.cat([e(x[2 * i: 2 * i + 2]) for i, e in enumerate(experts)])
+            try:
+                ref = torch.cat([e(x[2 * i: 2 * i + 2]) for i, e in enumerate(experts)])
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"cannot probe these experts on {size}×{size} inputs ({str(err).splitlines()[0]}); "
+                                 f"use stacked=False") from None
             try:
                 got = self.forward(x)
-            except RuntimeError as err:
+            except (RuntimeError, ValueError) as err:
                 raise ValueError(f"these experts do not stack (the stacked probe failed: {str(err).splitlines()[0]}); "
                                  f"use stacked=False") from None
             if not _close(got, ref):
@@ -218,17 +222,18 @@ class StackedExperts(nn.ModuleList):
             for m in self.modules():
                 if _random_leaf(m):
                     m.eval()
-            refs = []
-            for e, c in enumerate(counts):
-                if c:
-                    refs.append(experts[e](xb[e * cap: e * cap + c]))
+            try:
+                refs = [experts[e](xb[e * cap: e * cap + c]) for e, c in enumerate(counts) if c]
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"cannot probe these experts in training ({str(err).splitlines()[0]}); "
+                                 f"use stacked=False") from None
             ref_bufs = [b.clone() for b in self.buffers()]
             for b, s in zip(self.buffers(), saved):
                 b.copy_(s)
             valid = torch.arange(cap, device=x.device)[:, None] < torch.tensor(counts, device=x.device)[None, :]
             try:
                 out = self.forward(xb, valid)
-            except RuntimeError as err:
+            except (RuntimeError, ValueError) as err:
                 raise ValueError(f"these experts do not stack in training (the probe failed: "
                                  f"{str(err).splitlines()[0]}); use stacked=False") from None
             got = torch.cat([out[e * cap: e * cap + c] for e, c in enumerate(counts) if c])
