@@ -199,7 +199,14 @@ class StackedExperts(nn.ModuleList):
         x = torch.randn(2 * n, self.in_channels, size, size, device=p0.device, dtype=p0.dtype, generator=g)
         modes = [m.training for m in self.modules()]
         saved = [b.clone() for b in self.buffers()]
+        params = [p for p in self.parameters() if p.is_floating_point()]
+        saved_p = [p.clone() for p in params]
         try:
+            # different, non-degenerate weights per expert: zero-initialised parameters (a layer scale, a
+            # response-normalisation gain) would hide a forward that mixes channel blocks
+            for p in params:
+                noise = torch.randn(p.shape, device=p.device, dtype=p.dtype, generator=g)
+                p.add_(noise * max(float(p.abs().mean()), 0.1))
             self.eval()
             try:
                 ref = torch.cat([e(x[2 * i: 2 * i + 2]) for i, e in enumerate(experts)])
@@ -243,6 +250,8 @@ class StackedExperts(nn.ModuleList):
         finally:
             for b, s in zip(self.buffers(), saved):
                 b.copy_(s)
+            for p, s in zip(params, saved_p):
+                p.copy_(s)
             for m, t in zip(self.modules(), modes):
                 m.training = t
 
@@ -252,6 +261,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if not a.is_floating_point():
         return torch.equal(a, b)
+    if not torch.isfinite(b).all():
+        return False
     tol = 1e-3 * max(1.0, float(b.abs().max())) if b.numel() else 0.0
     return bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=tol))
 
