@@ -414,20 +414,23 @@ class MoE(nn.Module):
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(t, device=dev) - starts.index_select(0, sorted_e)
         static = self.capacity_factor is not None and self.training
-        sizes = None if static else counts.tolist()  # the single device→host copy of this layer
+        # inside torch.compile the host sync is a graph break; only the buffer size (a bucket) crosses it, so
+        # graphs specialise on a handful of sizes, not on every expert's count
+        compiling = torch.compiler.is_compiling() and not static
+        sizes = None if static or compiling else counts.tolist()  # the single device→host copy of this layer
         if engine is None:
             engine = self._engine(x, idx, w, static)
         padded = self.bucketed and self._padding is not False
         if static:
-            cap = max(1, math.ceil(self.capacity_factor * t / n))
-            caps = [cap] * n
+            caps = [max(1, math.ceil(self.capacity_factor * t / n))] * n
+        elif compiling:
+            caps = [self._host_cap(counts, b, padded)] * n
         elif engine == "stacked":
             m = max(sizes)
-            cap = bucket_size(m, b) if padded else m
-            caps = [cap] * n
+            caps = [bucket_size(m, b) if padded else m] * n
         else:
             caps = [bucket_size(s, b) if s and padded else s for s in sizes]
-        uniform = static or engine == "stacked"
+        uniform = static or compiling or engine == "stacked"
         if uniform:
             base = torch.arange(n, device=dev) * caps[0]
             total = n * caps[0]
@@ -454,11 +457,11 @@ class MoE(nn.Module):
         if engine == "stacked":
             cap = caps[0]
             valid = None
-            if static or cap > min(sizes):
+            if sizes is None or cap > min(sizes):
                 valid = torch.arange(cap, device=dev)[:, None] < counts[None, :]
             ob = self.experts(xb, valid)
         else:
-            ob = self._run_each(xb, caps, counts, sizes, static)
+            ob = self._run_each(xb, caps, counts, sizes)
         ys = ob.index_select(0, dst)
         dropped = None
         if static:
@@ -473,17 +476,17 @@ class MoE(nn.Module):
             y = y.contiguous(memory_format=torch.channels_last)
         return y, dropped
 
-    def _run_each(self, xb, caps, counts, sizes, static):
-        """Per-expert execution on consecutive buffers (expert e: ``caps[e]`` rows, the real ones first)."""
+    def _run_each(self, xb, caps, counts, sizes):
+        """Per-expert execution on consecutive buffers (expert e: ``caps[e]`` rows, the real ones first).
+        ``sizes`` (host counts) or None: then every expert runs (the sync-free modes) with device masks."""
         outs = []
         off = 0
-        compiling = torch.compiler.is_compiling()
         for e, c in enumerate(caps):
             if c == 0:
                 continue
             chunk = xb[off: off + c]
             off += c
-            if static or compiling:
+            if sizes is None:
                 valid = torch.arange(c, device=xb.device)[:, None] < counts[e]
             else:
                 valid = sizes[e] if c > sizes[e] else None
@@ -493,13 +496,18 @@ class MoE(nn.Module):
             else:
                 with ExpertContext(1, valid, c):
                     outs.append(expert(chunk))
-        if static and self.training:  # every expert ran; BatchNorm counted a batch even for idle experts
+        if sizes is None and self.training:  # every expert ran; BatchNorm counted a batch even for idle experts
             for e in range(self.num_experts):
                 idle = (counts[e] == 0).to(torch.long)
                 for m in self.experts[e].modules():
                     if isinstance(m, _BatchNorm) and m.training and m.num_batches_tracked is not None:
                         m.num_batches_tracked.sub_(idle)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @torch.compiler.disable
+    def _host_cap(self, counts: torch.Tensor, b: int, padded: bool) -> int:
+        m = int(counts.max())
+        return bucket_size(m, b) if padded else m
 
     def _engine(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, static: bool) -> str:
         if not self.can_stack or self.stacked is False:
@@ -570,6 +578,7 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ first call
     @torch.compiler.disable
     def _first_call(self, x: torch.Tensor) -> None:
+        x = x.detach()
         if not self.can_stack:
             self._check_experts(x)
         if self.bucketed or self.capacity_factor is not None:
