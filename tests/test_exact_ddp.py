@@ -1,5 +1,6 @@
-"""DDP on CPU (2 gloo processes): channel-stacked execution with masked statistics trains exactly like exact
-dispatch — after a few optimiser steps both give the same parameters and BatchNorm buffers, on both ranks."""
+"""DDP on CPU (2 gloo processes): channel-stacked execution with masked statistics, and the default layer with its
+execution measured inside the first forward (forced on the CPU here), train exactly like exact dispatch — after
+a few optimiser steps all give the same parameters and BatchNorm buffers, on both ranks."""
 from __future__ import annotations
 
 import copy
@@ -27,12 +28,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import moecnn
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    moecnn.MoE._should_measure = lambda self, x, static: True  # the CUDA-only measurement, here on the CPU
     try:
         torch.manual_seed(0)
         experts = [nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
                                  nn.BatchNorm2d(4)) for _ in range(4)]
         layers = {}
-        for name, kw in (("exact", dict(stacked=False, bucketed=False)), ("stacked", dict(stacked=True))):
+        for name, kw in (("exact", dict(stacked=False, bucketed=False)), ("stacked", dict(stacked=True)),
+                         ("default", {})):
             layer = moecnn.MoE(copy.deepcopy(experts), k=2, balance="kl", noisy=False, **kw)
             if layers:
                 layer.gate.load_state_dict(layers["exact"][0].module.gate.state_dict())
@@ -59,10 +62,11 @@ def test_ddp_stacked_trains_like_exact(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for states in (r0, r1):  # on each rank: stacked == exact, parameters and buffers
-        ref, got = states["exact"], states["stacked"]
-        assert got.keys() == ref.keys()
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+        ref = states["exact"]
+        for got in (states["stacked"], states["default"]):
+            assert got.keys() == ref.keys()
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     params = [k for k in r0["exact"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0["exact"][k], r1["exact"][k]) for k in params)  # DDP kept the ranks together
     torch.manual_seed(0)
