@@ -14,7 +14,7 @@ from moecnn.layers import StackedExperts
 from moecnn.layers.grouped import masked_batch_norm
 from moecnn.layers.moe import bucket_size
 
-from _moe_equiv import EXACT, assert_same_step, twins
+from _moe_equiv import assert_same_step, twins
 
 C = 8
 

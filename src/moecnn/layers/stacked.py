@@ -19,7 +19,7 @@ one line.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -281,11 +281,3 @@ def _legacy_stacked_keys(module: StackedExperts, state_dict, prefix, local_metad
         for e in range(n):
             state_dict[f"{prefix}{e}.{rest}"] = t.clone() if t.dim() == 0 else t.chunk(n, 0)[e].clone()
 
-
-def stackable(experts: Sequence[nn.Module]) -> Tuple[bool, str]:
-    """Cheap structural pre-check (the probe in :class:`StackedExperts` is the real test)."""
-    try:
-        _check_same_structure(experts)
-    except ValueError as e:
-        return False, str(e)
-    return True, ""
