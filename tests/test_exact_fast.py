@@ -225,6 +225,19 @@ def test_auto_execution_measures_once_per_shape_and_restores_state(monkeypatch):
     assert len(calls) == 2 and len(b.executions) == 2
 
 
+def test_construction_and_first_forward_leave_the_global_rng_alone():
+    """The stacking probe and the first-forward padding probe use their own generators (bit-exact resume)."""
+    experts = [conv_bn() for _ in range(3)]
+    after = []
+    for stacked in (False, None):  # the same draws (gate initialisation) with and without the stacking probe
+        torch.manual_seed(0)
+        layer = moecnn.MoE(copy.deepcopy(experts), k=2, noisy=False, stacked=stacked).eval()
+        after.append(torch.get_rng_state())
+    assert layer.can_stack and torch.equal(after[0], after[1])
+    layer(torch.ones(5, C, 4, 4))
+    assert torch.equal(torch.get_rng_state(), after[1])
+
+
 # ------------------------------------------------------------------ state dict
 
 

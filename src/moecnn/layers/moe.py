@@ -610,7 +610,8 @@ class MoE(nn.Module):
         p = next(iter(list(e.parameters()) + list(e.buffers())), None)
         dtype = p.dtype if p is not None and p.is_floating_point() else x.dtype
         real = x[torch.arange(3, device=x.device) % x.shape[0]].to(dtype)
-        buf = torch.cat([real, torch.randn_like(real[:2])])
+        g = torch.Generator(device=x.device).manual_seed(0)  # the global RNG stays untouched (bit-exact resume)
+        buf = torch.cat([real, torch.randn(real[:2].shape, generator=g, device=x.device, dtype=dtype)])
         mods = list(e.modules())
         modes = [m.training for m in mods]
         bufs = list(e.buffers())

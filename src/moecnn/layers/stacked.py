@@ -111,7 +111,9 @@ class StackedExperts(nn.ModuleList):
         self._slots = slots
         self._mods = [[e.get_submodule(s.path) if s.path else e for s in slots] for e in experts]
         self._nbt = [i for i, s in enumerate(slots) if s.attr == "num_batches_tracked" and s.dim is None]
-        self._template = [template]  # a list: not a registered submodule (no state, not moved by .to())
+        # a list: not a registered submodule (no state, not moved by .to()); its own tensors are never used
+        # (every parameter and buffer is passed in each call), so they live on the meta device
+        self._template = [template.to("meta")]
         tm = dict(template.named_modules())
         self._pairs = [(tm[name], m) for name, m in experts[0].named_modules()]  # template follows expert 0's modes
         self.register_load_state_dict_pre_hook(_legacy_stacked_keys)
