@@ -145,10 +145,12 @@ class MoE(nn.Module):
     Execution (chosen per call; none of it changes the state dict):
 
     - **Default** (``bucketed=True``): expert i's images are gathered into a buffer whose size is rounded up to
-      one of a few bucket sizes (:func:`bucket_size`: at most 25 % padding), so experts see a handful of
-      static shapes and cuDNN does not re-plan every step. Padding rows are excluded from every batch
-      statistic (masked BatchNorm, see :mod:`moecnn.layers.grouped`) and from the output. One N-element copy
-      of the expert counts to the host per forward.
+      one of a few bucket sizes (:func:`bucket_size`: above 8 rows at most 25 % padding), so experts see a
+      handful of static shapes and cuDNN does not re-plan every step (``static_shapes`` is True). Padding rows
+      are excluded from every batch statistic (masked BatchNorm, see :mod:`moecnn.layers.grouped`) and from
+      the output. One N-element copy of the expert counts to the host per forward; inside ``torch.compile``
+      only the bucket size crosses that graph break. Experts whose padded execution is not exact (checked on
+      the first forward: a batch-dependent layer other than BatchNorm) run unpadded instead.
     - ``bucketed=False``: expert i runs on exactly its sub-batch (sizes change every step; for comparison).
     - ``capacity_factor=c``: in training, every expert gets a fixed buffer of ceil(c·B·k/N) rows: fully
       sync-free and static-shaped (CUDA graphs, ``torch.compile(fullgraph=True)``); slots beyond the capacity
@@ -157,7 +159,8 @@ class MoE(nn.Module):
       (:class:`StackedExperts`: the kernel launches of one expert, proven equivalent at construction) or one
       after the other. ``stacked=None`` (default) picks per input shape: on CUDA the faster of the two,
       measured once (a few forward+backward passes of this layer, buffers and RNG restored); on the CPU, and
-      in capacity mode inside ``torch.compile`` before any eager call, per-expert. ``True``/``False`` force it.
+      while tracing the sync-free capacity mode, per expert. ``True``/``False`` force it. Per-expert execution
+      does not run an idle expert (``skips_idle_experts``: DDP then needs ``find_unused_parameters``).
 
     Args:
         experts: modules mapping the same B×C×H×W input to outputs of one shape (B, ...).
