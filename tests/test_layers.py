@@ -102,7 +102,8 @@ def test_expert_sees_only_its_routed_images():
             seen[self.i] = x.shape[0]
             return self.conv(x)
 
-    layer = moecnn.MoE([Probe(i) for i in range(4)], k=1, noisy=False).eval()
+    # exact sub-batch sizes (the default pads them to bucket sizes, see test_exact_fast.py)
+    layer = moecnn.MoE([Probe(i) for i in range(4)], k=1, noisy=False, bucketed=False).eval()
     x = torch.randn(10, C, H, H)
     layer(x)  # first forward also runs the one-image shape check
     seen.clear()

@@ -11,6 +11,8 @@ from moecnn.layers import StackedExperts
 from moecnn.models import create_model
 from moecnn.models.cifar_resnet import BasicBlock, _expert
 
+from _moe_equiv import EXACT, assert_same_step, twins
+
 C = 8
 
 
@@ -36,26 +38,20 @@ def test_eval_output_equals_list_experts_exactly():
     assert b.record.dropped is None
 
 
-def test_training_capacity_mode_matches_list_outputs_grads_and_bn_state():
-    """Same capacity dispatch (same filler copies): outputs, every gradient and BN running stats agree."""
-    a, b = pair(capacity_factor=1.5)
-    a.train(), b.train()
+@pytest.mark.parametrize("capacity_factor", [None, 4.0, 1.5])
+def test_training_matches_list_outputs_grads_and_bn_state(capacity_factor):
+    """Training, stacked (bucketed or capacity buffers) vs each expert on exactly its images: outputs, every
+    gradient, BN running statistics and counters agree (padding rows are in no statistic). With overflow
+    (capacity 1.5), stacked equals the list experts on the same capacity buffers (the same slots dropped)."""
+    torch.manual_seed(0)
+    experts = [_expert(BasicBlock, C, 16, 2, 6) for _ in range(4)]
+    ref = dict(stacked=False, capacity_factor=1.5) if capacity_factor == 1.5 else EXACT
+    a, b = twins(experts, k=2, ref=ref, noisy=False, stacked=True, capacity_factor=capacity_factor)
     x = torch.randn(12, C, 8, 8)
-    ya, yb = a(x), b(x)
-    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(ya)
-    (ya * g).sum().backward()
-    (yb * g).sum().backward()
-    torch.testing.assert_close(b.gate.fc.weight.grad, a.gate.fc.weight.grad, atol=1e-5, rtol=1e-5)
-    stacked = dict(b.experts.net.named_modules())
-    for name, m in a.experts[0].named_modules():
-        if isinstance(m, nn.Conv2d):
-            got = stacked[name].weight.grad
-            ref = torch.cat([a.experts[i].get_submodule(name).weight.grad for i in range(4)])
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-        if isinstance(m, nn.BatchNorm2d):
-            ref_rm = torch.cat([a.experts[i].get_submodule(name).running_mean for i in range(4)])
-            torch.testing.assert_close(stacked[name].running_mean, ref_rm, atol=1e-6, rtol=1e-5)
+    for _ in range(2):
+        assert_same_step(a.train(), b.train(), x)
+    if capacity_factor:
+        assert (float(b.record.dropped) > 0) == (capacity_factor == 1.5)
 
 
 def test_every_stacked_parameter_gets_a_gradient_and_no_nan():
@@ -116,17 +112,21 @@ def test_channel_mixing_or_different_experts_are_refused():
     one = Mixing()  # identical copies (moeify init="copy") must be caught too
     with pytest.raises(ValueError, match="mixes channels"):
         moecnn.MoE([copy.deepcopy(one) for _ in range(3)], k=1, stacked=True)
-    with pytest.raises(ValueError, match="track_running_stats=False"):
-        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
-                    for _ in range(2)], k=1, stacked=True)
+    with pytest.raises(ValueError, match="momentum=None"):
+        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.BatchNorm2d(4, momentum=None)) for _ in range(2)],
+                   k=1, stacked=True)
     with pytest.raises(ValueError, match="differs from expert 0"):  # a training-only setting differs
         moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.BatchNorm2d(4, momentum=m)) for m in (0.1, 0.9)],
                    k=1, stacked=True)
     with pytest.raises(ValueError, match="need parameters"):
         moecnn.MoE([nn.ReLU(), nn.ReLU()], k=1, in_channels=C, stacked=True)
-    with pytest.raises(ValueError, match="cannot stack experts containing Flatten"):
+    with pytest.raises(ValueError, match="cannot probe these experts"):  # runs only on 1×1 inputs
         moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.Flatten(), nn.Linear(4, 2)) for _ in range(2)],
                    k=1, in_channels=C, stacked=True)
+    with pytest.raises(ValueError, match="mixes channels"):  # a channel shuffle
+        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), nn.ChannelShuffle(2)) for _ in range(2)], k=1, stacked=True)
+    auto = moecnn.MoE([Mixing() for _ in range(3)], k=1)  # stacked=None: what does not stack runs per expert
+    assert type(auto.experts) is nn.ModuleList
     with pytest.raises(ValueError, match="one architecture"):
         moecnn.MoE([nn.Conv2d(C, 4, 1), nn.Conv2d(C, 4, 3, padding=1)], k=1, stacked=True)
 
@@ -155,18 +155,18 @@ def test_spatial_gate_with_stacked_experts():
                                 dict(padding="same")], ids=["groups", "dilation", "stride-nobias", "same"])
 def test_conv_variants_and_bn_settings_stack_exactly(kw):
     torch.manual_seed(0)
-    experts = [nn.Sequential(nn.Conv2d(C, 8, 3, **({"padding": 1} | kw)), nn.BatchNorm2d(8, momentum=None),
+    experts = [nn.Sequential(nn.Conv2d(C, 8, 3, **({"padding": 1} | kw)), nn.BatchNorm2d(8, momentum=0.3),
                              nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, affine=False)) for _ in range(3)]
     a = moecnn.MoE(copy.deepcopy(experts), k=2, noisy=False, capacity_factor=2.0)
     b = moecnn.MoE(copy.deepcopy(experts), k=2, noisy=False, capacity_factor=2.0, stacked=True)
     b.gate.load_state_dict(a.gate.state_dict())
     x = torch.randn(6, C, 9, 9)
-    for _ in range(2):  # training updates (momentum=None: cumulative averages) then evaluation
+    for _ in range(2):  # training updates then evaluation
         torch.testing.assert_close(b.train()(x), a.train()(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.eval()(x), a.eval()(x), atol=1e-5, rtol=1e-5)
-    e0 = b.experts[0]
-    bn = e0[1]
-    assert int(bn.num_batches_tracked) == int(a.experts[0][1].num_batches_tracked) == 2
+    for e in range(3):
+        assert int(b.experts[e][1].num_batches_tracked) == int(a.experts[e][1].num_batches_tracked)
+        torch.testing.assert_close(b.experts[e][1].running_var, a.experts[e][1].running_var)
 
 
 def test_dtype_device_and_frozen_parameters_are_kept():
@@ -174,7 +174,9 @@ def test_dtype_device_and_frozen_parameters_are_kept():
     for e in experts:
         e[0].weight.requires_grad_(False)
     b = moecnn.MoE(experts, k=1, noisy=False, stacked=True)
-    assert b.experts.net[0].weight.dtype == torch.float64 and not b.experts.net[0].weight.requires_grad
+    assert b.experts[1][0].weight.dtype == torch.float64 and not b.experts[1][0].weight.requires_grad
+    b.train()(torch.randn(4, C, 5, 5, dtype=torch.float64)).sum().backward()
+    assert b.experts[0][0].weight.grad is None and b.experts[0][0].bias.grad is not None
     b.to(torch.bfloat16)
     assert b.experts[1][0].weight.dtype == torch.bfloat16
 
@@ -224,8 +226,10 @@ def test_moeify_torchvision_block_with_stacked_copies_keeps_the_function():
         torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_subclassed_norm_with_fused_activation_is_refused():
-    class BNAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: weights plus an activation submodule
+def test_subclassed_norm_with_fused_activation_stacks():
+    """A BatchNorm subclass with an activation submodule (like timm's BatchNormAct2d) stacks: its own forward runs
+    on the stacked tensors, its batch statistics masked per expert."""
+    class BNAct(nn.BatchNorm2d):
         def __init__(self, c):
             super().__init__(c)
             self.act = nn.ReLU()
@@ -233,5 +237,9 @@ def test_subclassed_norm_with_fused_activation_is_refused():
         def forward(self, x):
             return self.act(super().forward(x))
 
-    with pytest.raises(ValueError, match="cannot stack experts containing BNAct"):
-        moecnn.MoE([nn.Sequential(nn.Conv2d(C, 4, 1), BNAct(4)) for _ in range(2)], k=1, stacked=True)
+    torch.manual_seed(0)
+    a, b = twins([nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), BNAct(4)) for _ in range(3)], k=2, noisy=False,
+                 stacked=True)
+    x = torch.randn(7, C, 5, 5)
+    assert_same_step(a.train(), b.train(), x)
+    assert_same_step(a.eval(), b.eval(), x, grad=False)

@@ -10,6 +10,11 @@ from torch import nn
 from ..registry import GATES
 
 
+def _route(x: torch.Tensor) -> torch.Tensor:
+    """Routing precision: float32, or float64 when the layer runs in float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @GATES.register("gap_fc")
 class GAPFCGate(nn.Module):
     """GAP → Linear(C→N): the paper's main gate ("GAP-FC")."""
@@ -19,7 +24,7 @@ class GAPFCGate(nn.Module):
         self.fc = nn.Linear(in_channels, num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.float().mean(dim=(2, 3)))
+        return self.fc(_route(x).mean(dim=(2, 3)))
 
 
 @GATES.register("conv_gap")
@@ -39,7 +44,7 @@ class ConvGAPGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] < 3 or x.shape[-2] < 3:
             x = nn.functional.pad(x, (1, 1, 1, 1))
-        h = self.conv(x).float().mean(dim=(2, 3))
+        h = _route(self.conv(x)).mean(dim=(2, 3))
         return self.fc(h) if self.fc is not None else h
 
 
@@ -52,7 +57,7 @@ class GAPMLPGate(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.float().mean(dim=(2, 3)))
+        return self.net(_route(x).mean(dim=(2, 3)))
 
 
 @GATES.register("relu_gap_fc")
@@ -60,7 +65,7 @@ class ReLUGAPFCGate(GAPFCGate):
     """ReLU → GAP → Linear(C→N): the gate of the paper's RetinaNet heads."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(x).float().mean(dim=(2, 3)))
+        return self.fc(_route(torch.relu(x)).mean(dim=(2, 3)))
 
 
 @GATES.register("spatial")
@@ -80,9 +85,9 @@ class SpatialGate(nn.Module):
         if self.patch > 1:
             h, w = x.shape[-2:]
             pooled = nn.functional.avg_pool2d(x, self.patch, ceil_mode=True)
-            logits = self.conv(pooled).float()
+            logits = _route(self.conv(pooled))
             return nn.functional.interpolate(logits, size=(h, w), mode="nearest")
-        return self.conv(x).float()
+        return _route(self.conv(x))
 
 
 def build_gate(gate: str | nn.Module, in_channels: int, num_experts: int, **kwargs) -> nn.Module:

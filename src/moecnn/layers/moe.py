@@ -1,24 +1,29 @@
 """The sparsely-gated mixture-of-experts layer for convolutional feature maps (SPEC §1).
 
-``MoE(experts, gate, k)`` routes each image of a B×C×H×W batch to its top-k experts; expert i runs only on
-the images routed to it. The layer returns a tensor (drop-in for any ``nn.Module``) and keeps a structured
-:class:`RoutingRecord` of its last forward in ``layer.record`` (read them all with
+``MoE(experts, gate, k)`` routes each image of a B×C×H×W batch to its top-k experts; expert i computes exactly
+what it computes on the images routed to it alone (its own batch statistics), however the layer executes it.
+The layer returns a tensor (drop-in for any ``nn.Module``) and keeps a structured :class:`RoutingRecord` of its
+last forward in ``layer.record`` (read them all with
 :func:`moecnn.layers.control.routing` / :func:`moecnn.layers.control.aux_loss`).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import CONSTRAINTS, LOSSES
 from .balance import HardConstraint, RoutingStats, build_constraint
 from .gates import build_gate
-from .stacked import StackedExperts
+from .grouped import ExpertContext, drop_path_spec
+from .stacked import StackedExperts, _close
 
 
 @dataclass
@@ -90,8 +95,72 @@ def _normalise_balance(balance, balance_weight: float) -> tuple[Dict[str, float]
     return soft, hard
 
 
+def bucket_size(count: int, limit: int) -> int:
+    """The smallest of a few static buffer sizes holding ``count`` rows, at most ``limit``.
+
+    1, 2, 4, 8, then four sizes per octave (10, 12, 14, 16, 20, 24, 28, 32, 40, ...): above 8 rows at most 25 % padding,
+    and a handful of distinct shapes over a training run (so cuDNN plans and autotuning are reused).
+    """
+    if count <= 8:
+        b = 1 << max(0, (count - 1).bit_length())
+    else:
+        step = 1 << ((count - 1).bit_length() - 3)
+        b = -(-count // step) * step
+    return max(1, min(b, limit))
+
+
+def _routing_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 layer: routing never runs in half precision."""
+    p = next(module.parameters(), None)
+    return torch.float64 if (p is not None and p.dtype == torch.float64) or x.dtype == torch.float64 else torch.float32
+
+
+def _call_in(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)`` with its floating-point parameters and buffers in ``dtype`` (cast copies, with gradient,
+    when the module itself is stored in another dtype, e.g. after ``.to(torch.bfloat16)``)."""
+    state = {n: t for n, t in list(module.named_parameters()) + list(module.named_buffers())
+             if t.is_floating_point() and t.dtype != dtype}
+    if not state:
+        return module(*args)
+    return functional_call(module, {n: t.to(dtype) for n, t in state.items()}, args)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _random_leaf(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) or drop_path_spec(m) is not None
+
+
 class MoE(nn.Module):
     """Sparsely-gated mixture of experts over conv feature maps.
+
+    Semantics (SPEC §1): y = Σ_{i: g_i>0} g_i·E_i(x), where expert i runs only on the images routed to it, so
+    a BatchNorm inside an expert normalises with the statistics of exactly its sub-batch, and an expert that
+    receives no image is not run at all (its running statistics and ``num_batches_tracked`` do not move).
+    Every execution below computes this same function — outputs, gradients and buffers, to float rounding —
+    as long as nothing is dropped (only ``capacity_factor`` can drop).
+
+    Execution (chosen per call; none of it changes the state dict):
+
+    - **Default** (``bucketed=True``): expert i's images are gathered into a buffer whose size is rounded up to
+      one of a few bucket sizes (:func:`bucket_size`: above 8 rows at most 25 % padding), so experts see a
+      handful of static shapes and cuDNN does not re-plan every step (``static_shapes`` is True). Padding rows
+      are excluded from every batch statistic (masked BatchNorm, see :mod:`moecnn.layers.grouped`) and from
+      the output. One N-element copy of the expert counts to the host per forward; inside ``torch.compile``
+      only the bucket size crosses that graph break. Experts whose padded execution is not exact (checked on
+      the first forward: a batch-dependent layer other than BatchNorm) run unpadded instead.
+    - ``bucketed=False``: expert i runs on exactly its sub-batch (sizes change every step; for comparison).
+    - ``capacity_factor=c``: in training, every expert gets a fixed buffer of ceil(c·B·k/N) rows: fully
+      sync-free and static-shaped (CUDA graphs, ``torch.compile(fullgraph=True)``); slots beyond the capacity
+      are dropped (``record.dropped``) and appear in no statistic. Evaluation always dispatches exactly.
+    - Grouped (``stacked``) vs per-expert: same-architecture experts can run as one channel-stacked network
+      (:class:`StackedExperts`: the kernel launches of one expert, proven equivalent at construction) or one
+      after the other. ``stacked=None`` (default) picks per input shape: on CUDA the faster of the two,
+      measured once (a few forward+backward passes of this layer, buffers and RNG restored); on the CPU, and
+      while tracing the sync-free capacity mode, per expert. ``True``/``False`` force it. Per-expert execution
+      does not run an idle expert (``skips_idle_experts``: DDP then needs ``find_unused_parameters``).
 
     Args:
         experts: modules mapping the same B×C×H×W input to outputs of one shape (B, ...).
@@ -106,16 +175,16 @@ class MoE(nn.Module):
         decay: hard-constraint state decay (None = the reference's never-decaying state).
         noisy: noisy top-k in training (default: on for soft/no balancing, off for hard constraints).
         in_channels: gate input channels (inferred from the first expert when omitted).
-        capacity_factor: None = exact dispatch (one N-element count copy to the host per forward);
-            a float = in training, a fixed per-expert capacity ceil(cf·B·k/N), fully sync-free and
-            static-shaped (overflowing slots are dropped; free slots are filled with copies of routed
-            images). Evaluation always dispatches exactly (no drops).
+        capacity_factor: None, or the training capacity factor (see above).
         gate_kwargs: extra arguments for the gate constructor.
-        stacked: run the N experts (one architecture of Conv2d/BatchNorm2d/channel-wise layers) as one
-            channel-stacked grouped network (:class:`StackedExperts`): the kernel launches of one expert.
-            Every expert then gets a buffer of one size (the capacity; without ``capacity_factor``, the
-            largest expert count, one host sync); free slots hold copies of routed images, which BatchNorm
-            sees in training. ``layer.experts[i]`` is then a copy of expert i.
+        stacked: None (auto), True (always channel-stacked; refused with one line if the experts do not
+            stack) or False (always per expert).
+        bucketed: pad per-expert buffers to bucket sizes (default) or run exact sub-batch sizes.
+
+    Routing (gate, noise, top-k, losses) runs in float32 whatever autocast says, and in float64 for a float64
+    layer; a layer converted to bfloat16/float16 routes in float32 with its gate weights cast up.
+    ``layer.experts`` is an ``nn.ModuleList`` (a :class:`StackedExperts` when the experts can stack):
+    ``layer.experts[i]`` is the live expert i, and the state dict holds ``experts.{i}.<path>`` whatever runs.
     """
 
     def __init__(
@@ -131,7 +200,8 @@ class MoE(nn.Module):
         in_channels: int | None = None,
         capacity_factor: float | None = None,
         gate_kwargs: Optional[dict] = None,
-        stacked: bool = False,
+        stacked: bool | None = None,
+        bucketed: bool = True,
     ) -> None:
         super().__init__()
         experts = list(experts)
@@ -142,6 +212,8 @@ class MoE(nn.Module):
             raise ValueError(f"k must be an integer with 1 <= k <= num_experts={n}, got k={k}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        if stacked not in (None, True, False):
+            raise ValueError(f"stacked must be None (auto), True or False, got {stacked!r}")
         self.num_experts = n
         self.k = k
         if in_channels is None:
@@ -149,8 +221,17 @@ class MoE(nn.Module):
             if in_channels is None:
                 raise ValueError("cannot infer the gate's input channels from the experts; pass in_channels=")
         self.in_channels = in_channels
-        self.experts = StackedExperts(experts, in_channels) if stacked else nn.ModuleList(experts)
-        self.stacked = bool(stacked)
+        if stacked is False:
+            self.experts = nn.ModuleList(experts)
+        elif stacked:
+            self.experts = StackedExperts(experts, in_channels)
+        else:
+            try:
+                self.experts = StackedExperts(experts, in_channels)
+            except Exception:  # noqa: BLE001 - whatever fails to stack runs per expert
+                self.experts = nn.ModuleList(experts)
+        self.stacked = stacked
+        self.bucketed = bool(bucketed)
         self.gate = build_gate(gate, in_channels, n, **(gate_kwargs or {}))
         self.soft_losses, hard = _normalise_balance(balance, balance_weight)
         self.constraint: Optional[HardConstraint] = (
@@ -167,6 +248,31 @@ class MoE(nn.Module):
         self.register_buffer("_disabled_mask", torch.zeros(n, dtype=torch.bool), persistent=False)
         self.record: Optional[RoutingRecord] = None
         self._shape_checked = False
+        self._padding: Optional[bool] = None  # padded execution proven exact on the first forward
+        self._engines: Dict[tuple, str] = {}  # auto: input key -> "stacked" | "experts"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def can_stack(self) -> bool:
+        """The experts can run channel-stacked (``layer.experts`` is a :class:`StackedExperts`)."""
+        return isinstance(self.experts, StackedExperts)
+
+    @property
+    def static_shapes(self) -> bool:
+        """True when every forward runs the experts on buffers of a few fixed sizes (bucketed, or the training
+        capacity), so a training engine may keep ``torch.backends.cudnn.benchmark = True``."""
+        return self.bucketed and self._padding is not False
+
+    @property
+    def skips_idle_experts(self) -> bool:
+        """True when a training step may leave an expert without gradient (per-expert execution does not run
+        an expert that got no image): data-parallel training then needs ``find_unused_parameters=True``."""
+        return not (self.stacked is True or self.capacity_factor is not None)
+
+    @property
+    def executions(self) -> Dict[str, str]:
+        """What ``stacked=None`` chose so far: ``{"<input shape> <dtype> train|eval": "stacked"|"experts"}``."""
+        return {f"{tuple(k[0])} {k[1]} {'train' if k[3] else 'eval'}": v for k, v in self._engines.items()}
 
     # ------------------------------------------------------------------ controls
     @property
@@ -211,12 +317,13 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, return_record: bool = False):
         n = self.num_experts
-        if not self._shape_checked and x.shape[0] > 0 and not self.stacked:
-            self._check_experts(x)
-        # routing in float32 whatever the surrounding autocast says (tiny cost, stable top-k and losses)
+        if not self._shape_checked and x.shape[0] > 0:
+            self._first_call(x)
+        # routing in float32 (float64 for a float64 layer) whatever the surrounding autocast says
+        rd = _routing_dtype(self.gate, x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.float()
-            logits = self.gate(xf).float()
+            xf = x.to(rd)
+            logits = _call_in(self.gate, rd, xf).to(rd)
         spatial = logits.dim() == 4
         if logits.shape[1] != n or logits.shape[0] != x.shape[0]:
             raise ValueError(f"gate returned shape {tuple(logits.shape)}, expected (B={x.shape[0]}, N={n}, ...)")
@@ -225,7 +332,7 @@ class MoE(nn.Module):
         noisy_logits = logits
         if self.training and self.noisy and self.noise is not None and not controls:
             with torch.autocast(device_type=x.device.type, enabled=False):
-                noise_std = F.softplus(self.noise(xf.mean(dim=(2, 3))) + 0.01)
+                noise_std = F.softplus(_call_in(self.noise, rd, xf.mean(dim=(2, 3))) + 0.01)
             if spatial:
                 noise_std = noise_std[:, :, None, None].expand_as(logits)
             noisy_logits = logits + torch.randn_like(logits) * noise_std
@@ -294,63 +401,171 @@ class MoE(nn.Module):
         return (y, self.record) if return_record else y
 
     # ------------------------------------------------------------------ execution
-    def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-        """Sparse execution: sort the B·k (image, expert) slots by expert, run each expert on its slice."""
+    def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, engine: Optional[str] = None):
+        """Sort the B·k (image, expert) slots by expert, gather each expert's images into its buffer, run the
+        experts (per expert or channel-stacked), scatter the outputs back and mix them with the gate weights."""
         b, kk = idx.shape
         n = self.num_experts
+        t = b * kk
+        dev = x.device
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
+        sorted_e = flat_e.index_select(0, order)
         img = torch.div(order, kk, rounding_mode="floor")
         # static-size count (bincount's output size is data-dependent, which breaks fullgraph compiles)
-        counts = torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat_e, torch.ones_like(flat_e))
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        dropped = None
+        counts = torch.zeros(n, dtype=torch.long, device=dev).scatter_add_(0, flat_e, torch.ones_like(flat_e))
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(t, device=dev) - starts.index_select(0, sorted_e)
         static = self.capacity_factor is not None and self.training
-        if not (static or self.stacked):
-            xs = x.index_select(0, img)
-            if channels_last:
-                xs = xs.contiguous(memory_format=torch.channels_last)
-            sizes = counts.tolist()  # the single device→host copy of this layer
-            outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e] > 0]
-            ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+        # inside torch.compile the host sync is a graph break; only the buffer size (a bucket) crosses it, so
+        # graphs specialise on a handful of sizes, not on every expert's count
+        compiling = torch.compiler.is_compiling() and not static
+        sizes = None if static or compiling else counts.tolist()  # the single device→host copy of this layer
+        if engine is None:
+            engine = self._engine(x, idx, w, static)
+        padded = self.bucketed and self._padding is not False
+        if static:
+            caps = [max(1, math.ceil(self.capacity_factor * t / n))] * n
+        elif compiling:
+            caps = [self._host_cap(counts, b, padded)] * n
+        elif engine == "stacked":
+            m = max(sizes)
+            caps = [bucket_size(m, b) if padded else m] * n
         else:
-            if static:
-                cap = max(1, math.ceil(self.capacity_factor * b * kk / n))
-            else:  # every routed slot fits: exact (one host sync)
-                cap = max(1, int(counts.max()))
-                if not self.training:  # few distinct shapes for cuDNN autotuning; copies are harmless in eval
-                    cap = min(-(-cap // 32) * 32, b * kk)
-            starts = torch.cumsum(counts, 0) - counts
-            pos = torch.arange(b * kk, device=x.device) - starts[flat_e[order]]
-            keep = pos < cap
-            # buffer slot (e, p) holds sorted slot starts[e] + p mod count[e] (copies fill free slots)
-            p = torch.arange(cap, device=x.device)
-            src = starts[:, None] + p[None, :] % counts.clamp_min(1)[:, None]
-            src = src.clamp_max(b * kk - 1).reshape(-1)
-            xb = x.index_select(0, img.index_select(0, src))
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            if self.stacked:
-                ob = self.experts(xb)
-            else:
-                ob = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(xb.split(cap))])
-            sorted_e = flat_e[order]
-            slot = sorted_e * cap + pos.clamp_max(cap - 1)
-            ys = ob.index_select(0, slot) * keep.view(-1, *[1] * (ob.dim() - 1)).to(ob.dtype)
-            dropped = 1.0 - keep.float().mean() if static else None
+            caps = [bucket_size(s, b) if s and padded else s for s in sizes]
+        uniform = static or compiling or engine == "stacked"
+        if uniform:
+            base = torch.arange(n, device=dev) * caps[0]
+            total = n * caps[0]
+        else:
+            offs = [0]
+            for c in caps:
+                offs.append(offs[-1] + c)
+            total = offs[-1]
+            base = torch.tensor(offs[:-1], device=dev)
+        keep = None
+        if static:
+            keep = pos < caps[0]
+            dst = base.index_select(0, sorted_e) + pos.clamp_max(caps[0] - 1)
+            src = torch.zeros(total + 1, dtype=torch.long, device=dev)
+            src.scatter_(0, torch.where(keep, dst, total), img)  # dropped slots land on the extra last row
+            src = src[:total]
+        else:
+            dst = base.index_select(0, sorted_e) + pos
+            src = torch.zeros(total, dtype=torch.long, device=dev).scatter_(0, dst, img)  # padding rows: image 0
+        cl = _channels_last(x)
+        xb = x.index_select(0, src)
+        if cl:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if engine == "stacked":
+            cap = caps[0]
+            valid = None
+            if sizes is None or cap > min(sizes):
+                valid = torch.arange(cap, device=dev)[:, None] < counts[None, :]
+            ob = self.experts(xb, valid)
+        else:
+            ob = self._run_each(xb, caps, counts, sizes)
+        ys = ob.index_select(0, dst)
+        dropped = None
+        if static:
+            ys = ys * keep.view(-1, *[1] * (ys.dim() - 1)).to(ys.dtype)
+            dropped = 1.0 - keep.float().mean()
         ws = w.reshape(-1).index_select(0, order).to(ys.dtype)
         ys = ys * ws.view(-1, *[1] * (ys.dim() - 1))
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)
         y = ys.index_select(0, inv).view(b, kk, *ys.shape[1:]).sum(1)
-        if channels_last and y.dim() == 4:
+        if cl and y.dim() == 4:
             y = y.contiguous(memory_format=torch.channels_last)
         return y, dropped
+
+    def _run_each(self, xb, caps, counts, sizes):
+        """Per-expert execution on consecutive buffers (expert e: ``caps[e]`` rows, the real ones first).
+        ``sizes`` (host counts) or None: then every expert runs (the sync-free modes) with device masks."""
+        outs = []
+        off = 0
+        for e, c in enumerate(caps):
+            if c == 0:
+                continue
+            chunk = xb[off: off + c]
+            off += c
+            if sizes is None:
+                valid = torch.arange(c, device=xb.device)[:, None] < counts[e]
+            else:
+                valid = sizes[e] if c > sizes[e] else None
+            expert = self.experts[e]
+            if valid is None:
+                outs.append(expert(chunk))
+            else:
+                with ExpertContext(1, valid, c):
+                    outs.append(expert(chunk))
+        if sizes is None and self.training:  # every expert ran; BatchNorm counted a batch even for idle experts
+            for e in range(self.num_experts):
+                idle = (counts[e] == 0).to(torch.long)
+                for m in self.experts[e].modules():
+                    if isinstance(m, _BatchNorm) and m.training and m.num_batches_tracked is not None:
+                        m.num_batches_tracked.sub_(idle)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @torch.compiler.disable
+    def _host_cap(self, counts: torch.Tensor, b: int, padded: bool) -> int:
+        m = int(counts.max())
+        return bucket_size(m, b) if padded else m
+
+    def _engine(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, static: bool) -> str:
+        if not self.can_stack or self.stacked is False:
+            return "experts"
+        if self.stacked:
+            return "stacked"
+        key = (tuple(x.shape), x.dtype, x.device.type, self.training, torch.is_grad_enabled(), static,
+               _channels_last(x), torch.is_autocast_enabled(x.device.type))
+        eng = self._engines.get(key)
+        if eng is None:
+            eng = self._measure(x, idx, w) if self._should_measure(x, static) else "experts"
+            self._engines[key] = eng
+        return eng
+
+    def _should_measure(self, x: torch.Tensor, static: bool) -> bool:
+        # CUDA only (on the CPU per-expert execution is the rule); not while tracing the sync-free capacity
+        # mode, where a measurement would break the graph
+        return x.device.type == "cuda" and not (static and torch.compiler.is_compiling())
+
+    @torch.compiler.disable
+    def _measure(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, reps: int = 3) -> str:
+        """Time this call's dispatch per expert and channel-stacked (forward, and backward when training with
+        gradients), after one warm-up each (cuDNN plans, autotuning); buffers and the RNG are restored."""
+        bufs = list(self.experts.buffers())
+        saved = [b.clone() for b in bufs]
+        grad = torch.is_grad_enabled() and self.training
+        xd = x.detach().requires_grad_(grad)
+        params = [p for p in self.experts.parameters() if p.requires_grad] if grad else []
+        cuda = x.device.type == "cuda"
+        times = {}
+        with torch.random.fork_rng(devices=[x.device] if cuda else []):
+            for eng in ("experts", "stacked"):
+                def once():
+                    y, _ = self._dispatch(xd, idx, w.detach(), engine=eng)
+                    if grad:
+                        torch.autograd.grad(y, [xd] + params, torch.ones_like(y), allow_unused=True)
+
+                once()
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    once()
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                times[eng] = time.perf_counter() - t0
+        with torch.no_grad():
+            for b, s in zip(bufs, saved):
+                b.copy_(s)
+        return min(times, key=times.get)
 
     def _mix_dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Per-pixel routing: every enabled expert runs on all images; outputs mixed with B×H×W×N weights."""
         y = None
-        every = self.experts.all_on(x) if self.stacked else None
+        every = self.experts.all_on(x) if self.stacked and self.can_stack else None
         for e in range(self.num_experts):
             if e in self.disabled:
                 continue
@@ -362,6 +577,19 @@ class MoE(nn.Module):
             term = out * w[..., e].unsqueeze(1).to(out.dtype)
             y = term if y is None else y + term
         return y
+
+    # ------------------------------------------------------------------ first call
+    @torch.compiler.disable
+    def _first_call(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if not self.can_stack:
+            self._check_experts(x)
+        if self.bucketed or self.capacity_factor is not None:
+            self._padding = self._probe_padding(x)
+            if not self._padding and self.capacity_factor is not None:
+                raise ValueError("these experts are not exact on padded buffers (a batch-dependent layer other "
+                                 "than BatchNorm?), which capacity_factor needs; use capacity_factor=None")
+        self._shape_checked = True
 
     @torch.no_grad()
     def _check_experts(self, x: torch.Tensor) -> None:
@@ -376,8 +604,49 @@ class MoE(nn.Module):
                 e.train(was)
         if len(set(shapes)) > 1:
             raise ValueError(f"experts must return outputs of one shape; got {', '.join(map(str, shapes))}")
-        self._shape_checked = True
+
+    @torch.no_grad()
+    def _probe_padding(self, x: torch.Tensor) -> bool:
+        """Once: is expert 0, in training, on 3 real rows + 2 padding rows (masked statistics) the same as on
+        the 3 rows alone — outputs and buffers? Randomness (dropout, drop path) is switched off for the probe."""
+        e = self.experts[0]
+        p = next(iter(list(e.parameters()) + list(e.buffers())), None)
+        dtype = p.dtype if p is not None and p.is_floating_point() else x.dtype
+        real = x[torch.arange(3, device=x.device) % x.shape[0]].to(dtype)
+        g = torch.Generator(device=x.device).manual_seed(0)  # the global RNG stays untouched (bit-exact resume)
+        buf = torch.cat([real, torch.randn(real[:2].shape, generator=g, device=x.device, dtype=dtype)])
+        mods = list(e.modules())
+        modes = [m.training for m in mods]
+        bufs = list(e.buffers())
+        saved = [b.clone() for b in bufs]
+
+        def restore():
+            for b, s in zip(bufs, saved):
+                b.copy_(s)
+
+        try:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                e.train()
+                for m in mods:
+                    if _random_leaf(m):
+                        m.eval()
+                ref = e(real)
+                ref_bufs = [b.clone() for b in bufs]
+                for valid in (3, torch.arange(5, device=x.device)[:, None] < 3):
+                    restore()
+                    with ExpertContext(1, valid, 5):
+                        got = e(buf)[:3]
+                    if not _close(got, ref) or not all(_close(a, r) for a, r in zip(bufs, ref_bufs)):
+                        return False
+            return True
+        except (RuntimeError, ValueError):
+            return False
+        finally:
+            restore()
+            for m, t in zip(mods, modes):
+                m.training = t
 
     def extra_repr(self) -> str:
         bal = ", ".join(f"{k}={v}" for k, v in self.soft_losses.items())
-        return f"num_experts={self.num_experts}, k={self.k}, noisy={self.noisy}, balance=[{bal}]"
+        return (f"num_experts={self.num_experts}, k={self.k}, noisy={self.noisy}, balance=[{bal}], "
+                f"stacked={self.stacked}, bucketed={self.bucketed}, capacity_factor={self.capacity_factor}")

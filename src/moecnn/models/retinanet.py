@@ -494,20 +494,13 @@ def _expand_head_to_experts(sd: Dict[str, Tensor], model: MoERetinaNet, noise: f
             continue
         for k in dense:
             out.pop(prefix + k)
-        stacked = head.moe.stacked
-        copies: Dict[str, List[Tensor]] = {}
-        for e in range(head.moe.num_experts):
+        for e in range(head.moe.num_experts):  # per-expert keys whatever the execution (stacked or not)
             for k, v in dense.items():
                 new = k.replace(f"{last}.", "out.", 1) if k.startswith(last + ".") else k
                 v = v.clone()
                 if noise > 0 and v.is_floating_point() and v.numel() > 1:
                     v = v + torch.randn(v.shape, generator=gen).to(v) * (v.float().std().item() or 1.0) * noise
-                if stacked:
-                    copies.setdefault(new, []).append(v)
-                else:
-                    out[f"{prefix}moe.experts.{e}.{new}"] = v
-        for new, vs in copies.items():  # stacked experts: expert e's copy is channel block e
-            out[f"{prefix}moe.experts.net.{new}"] = torch.cat(vs) if vs[0].dim() > 0 else vs[0]
+                out[f"{prefix}moe.experts.{e}.{new}"] = v
     return out
 
 
