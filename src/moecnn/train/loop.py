@@ -169,7 +169,8 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
         raw = raw.to(memory_format=torch.channels_last)
     task.bind(raw)
     layers = task.layers
-    static = all(getattr(m, "static_shapes", m.capacity_factor is not None) for m in layers.values())
+    static = all(m.static_shapes for m in layers.values())  # few, fixed shapes: cuDNN may autotune them
+    idle = any(m.skips_idle_experts for m in layers.values())  # an expert may get no images (and no gradient)
     if cuda and not t.deterministic:
         torch.backends.cudnn.benchmark = static if t.cudnn_benchmark is None else t.cudnn_benchmark
 
@@ -213,11 +214,11 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
 
     model = raw
     if d.enabled:
-        # find_unused_parameters only where an expert may get no images in a step (per-expert exact execution).
+        # find_unused_parameters only where an expert may get no images (and so no gradient) in a step.
         # No per-step buffer broadcast: BatchNorm statistics are averaged once per epoch (D.average_buffers) and
         # the hard-constraint state is all-reduced by the MoE layer itself.
         model = nn.parallel.DistributedDataParallel(
-            raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=not static,
+            raw, device_ids=[d.device.index] if cuda else None, find_unused_parameters=idle,
             broadcast_buffers=False, gradient_as_bucket_view=True)
     if t.compile:
         model = torch.compile(model, mode=t.compile_mode)
