@@ -27,10 +27,11 @@ train() {  # train NAME CONFIG [overrides...]: train (or continue) a run, then e
   [[ -f "$runs/$name/final.json" ]] && moecnn eval "$runs/$name"
 }
 
-save_model() {  # the model's tensors in <= 15 MiB parts (what comes back from the machine is limited per file)
+save_model() {  # the model's tensors in float16 (what comes back is limited to 64 MiB), in <= 15 MiB parts
   python3 - "$runs/$1/checkpoint.pt" "$out/$1.model" <<'PY'
 import io, sys, torch
 sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["model"]
+sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
 buf = io.BytesIO(); torch.save(sd, buf); b = buf.getvalue(); step = 15 * 2**20
 for i in range(0, len(b), step):
     open(f"{sys.argv[2]}.part{i // step}", "wb").write(b[i:i + step])
