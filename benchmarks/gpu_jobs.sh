@@ -70,7 +70,7 @@ job_ddp2_long() {  # weak scaling: 512 images per GPU on two GPUs, linear learni
   [[ -f "$runs/ddp2_long/final.json" ]] && CUDA_VISIBLE_DEVICES=0 moecnn eval "$runs/ddp2_long"
 }
 job_shapes() { train shapes detection_shapes train.precision=bf16 model.stacked=true; }
-SYN=${SYN:-"data.name=synthetic data.root=null data.synthetic_train_size=20000 data.val_size=2000 train.epochs=2"}
+export SYN=${SYN:-"data.name=synthetic data.root=null data.synthetic_train_size=20000 data.val_size=2000 train.epochs=2"}
 job_smoke() {  # the compiled sync-free recipe and the bucketed default on the GPU, then 2 ranks under torchrun
   moecnn train --config fast_moe_compiled --out "$runs/smoke_ro" $SYN log.progress=lines && moecnn eval "$runs/smoke_ro"
   moecnn train --config fast_moe --out "$runs/smoke_default" $SYN log.progress=lines
