@@ -251,11 +251,14 @@ def fingerprint(path: Path) -> str:
 
 def is_current(run_dir: Path, derived: Optional[Dict]) -> bool:
     """Whether a derived file's record (``checkpoint`` + ``checkpoint_sha256``, as ``moecnn eval`` writes them)
-    belongs to the run's checkpoint as it is now. Records without a fingerprint (moecnn 0.1) count as current."""
+    belongs to the run's checkpoint as it is now. Records without a fingerprint (moecnn 0.1), and runs whose
+    checkpoint is not there (copied without it), count as current."""
     if not derived or not derived.get("checkpoint_sha256"):
         return True
     path = checkpoint_path(Path(run_dir), str(derived.get("checkpoint", "last")))
-    return path.is_file() and fingerprint(path) == derived["checkpoint_sha256"]
+    if not path.is_file():  # a run folder copied without its checkpoints: nothing to compare against
+        return True
+    return fingerprint(path) == derived["checkpoint_sha256"]
 
 
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
