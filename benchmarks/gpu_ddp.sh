@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #7: the same `moecnn train` command under torchrun with 1 and G GPUs (same global batch), dense and
+# The same `moecnn train` command under torchrun with 1 and G GPUs (same global batch), dense and
 # ResBlock-MoE (p=4, N=4, k=2), each followed by `moecnn eval`; runs packed (no checkpoints) into $OUT.
 #   EPOCHS=35 CONFIGS="fast_baseline_compiled fast_moe_compiled" bash benchmarks/gpu_ddp.sh
 # On a machine with one GPU it runs the 1-GPU NCCL command and, as a correctness check of the multi-rank

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Used by the lead on the lent GPU machine (see RESULTS.md): finish staging CIFAR-100 into /tmp/c100
+# On the GPU machine (see benchmarks/README.md): finish staging CIFAR-100 into /tmp/c100
 # (parts p1/p2 copied by the two calls before) and decompress the train images once.
 set -euo pipefail
 cp .devdata/p3/* /tmp/c100/
