@@ -161,7 +161,7 @@ def model_card(run_dir: Path, cfg: DictConfig, model: torch.nn.Module, info: Dic
               f"- device: {meta.get('device')}; started {meta.get('start_time')}",
               f"- moecnn {info['provenance']['moecnn']} (source sha256 {info['provenance']['source_sha256']}"
               + (f", commit {meta.get('git_commit')}" if meta.get("git_commit") else "") + f"), torch {meta.get('torch')}",
-              "", "## Use", "", "```python", "import moecnn", "", f"model = moecnn.from_pretrained(\"PATH_OR_REPO_ID\")",
+              "", "## Use", "", "```python", "import moecnn", "", "model = moecnn.from_pretrained(\"PATH_OR_REPO_ID\")",
               "with moecnn.routing_override(model, k=1):  # or force=i, dense=True, disabled=[...]",
               "    ...", "```", ""]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import stats
-from .rundir import load_routing, routing_file
+from .rundir import load_routing, read_config, routing_file
 
 
 def routing_of(run_dir: Path, split: str = "test") -> Dict[str, Any]:
@@ -33,6 +33,9 @@ def routing_of(run_dir: Path, split: str = "test") -> Dict[str, Any]:
     f = routing_file(run_dir, split)
     if f is not None:
         return load_routing(f)
+    if read_config(Path(run_dir)).get("task") == "detection":
+        raise ValueError(f"'{run_dir}' is a detection run: moecnn compare matches per-image routing of classification "
+                         f"runs; compare detection runs' expert usage with 'moecnn analyze'")
     raise FileNotFoundError(f"no routing file in '{run_dir}' (eval/routing_{split}.npz): run "
                             f"'moecnn eval {run_dir}' first")
 

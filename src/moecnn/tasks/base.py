@@ -7,6 +7,7 @@ devices, DDP, precision, ``torch.compile``, optimiser, schedule, checkpoints, re
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
@@ -17,6 +18,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..layers import RoutingRecord, moe_layers, routing
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16/fp16 autocast on CUDA (``train.precision``); the CPU always runs fp32. The one autocast of the
+    training loop and of every task's evaluation."""
+    if torch.device(device).type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 class Task:

@@ -1,7 +1,6 @@
 """Image classification: any classifier (moecnn CIFAR ResNets, torchvision, timm) on any registered dataset."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -15,16 +14,9 @@ from ..layers import aux_loss, moe_layers, routing
 from ..models.builder import EXTRAS
 from ..models.config import ModelConfig, check_moe
 from ..registry import PLACEMENTS, SOURCES, TASKS
-from .base import Task
+from .base import Task, autocast
 
 TTA_MODES = ("none", "flip")
-
-
-def autocast(device: torch.device, precision: str = "fp32"):
-    """bf16/fp16 autocast on CUDA; the CPU always runs fp32."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def check_tta(tta: str) -> None:

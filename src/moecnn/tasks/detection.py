@@ -6,7 +6,6 @@ The detector computes its own losses (torchvision's focal and box losses plus th
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -16,13 +15,7 @@ from torch import nn
 from ..data.config import DetectionDataConfig
 from ..models.config import DetectorConfig, check_moe
 from ..registry import DETECTORS, TASKS
-from .base import Task
-
-
-def _autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision not in ("bf16", "fp16"):
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+from .base import Task, autocast
 
 
 def _to_device(images, targets, device):
@@ -52,7 +45,7 @@ def evaluate_model(model, dataset, device: torch.device | str = "cpu", batch_siz
     per_expert: Dict[int, int] = {}
     for images, targets in loader:
         images, _ = _to_device(images, None, device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             outs = model(images)
         outs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outs]
         img_ids = [int(t["image_id"]) for t in targets]

@@ -8,7 +8,6 @@ steps). Only rank 0 writes files and evaluates.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..registry import TASKS
+from ..tasks.base import autocast
 from . import distributed as D
 from .runs import (atomic_write_bytes, load_model_state, read_checkpoint, read_metrics, rng_state, run_lock,
                    save_config, save_json, save_torch, set_rng_state, write_meta, write_metrics)
@@ -47,13 +47,6 @@ def set_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast(device: torch.device, precision: str = "fp32"):
-    """bf16/fp16 autocast on CUDA; the CPU always runs fp32."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def build_optimizer(model: nn.Module, o: DictConfig, device: torch.device) -> torch.optim.Optimizer:
