@@ -114,8 +114,9 @@ def test_train_resume_eval_analyze(tiny_run):
     for e, m in forced.items():  # all detections come from the forced expert
         assert set(m["detections_per_expert"]) <= {e}
     assert json.loads((run / "eval" / "val.json").read_text())["num_images"] == 4
-    one = run_eval(run, k=1, device="cpu", which="best", batch_size=2)
-    assert one["setting"] == "k1" and (run / "eval" / "val_custom_k1.json").is_file()
+    one = run_eval(run, k=1, device="cpu", which="best", batch_size=2)  # best.pt's files never replace the last's
+    assert one["setting"] == "k1" and (run / "eval" / "best_val_custom_k1.json").is_file()
+    assert json.loads((run / "eval" / "best_val_custom_k1.json").read_text())["checkpoint"] == "best"
     mixed = run_eval(run, disable=[0], dense=True, device="cpu")
     assert "0" not in json.loads(open(mixed["file"]).read())["detections_per_expert"]
     assert (run / "eval" / "val_custom_disable0_dense.json").is_file()

@@ -415,3 +415,47 @@ def test_report_after_resume_uses_the_new_checkpoint(stopped, tmp_path):
     assert new["accuracy"]["default"]["top1"] == pytest.approx(final["test"]["top1"], abs=1e-6)
     assert any("earlier checkpoint" in n for n in new["notes"])
     assert "routing_test.npz" not in new["sources"]["routing"] or "analysis" in new["sources"]["routing"]
+
+
+def test_review_fixes_detection_targets_legacy_checkpoints_configs(tmp_path):
+    """MoE layers added with model.targets to a detector add their balancing terms to the loss; checkpoints in
+    the former stacked layout load through load_model_state; 0.1 detection configs with 0/null values load;
+    train.stop_after_epochs=0 writes the run's config and stops before training; timm names with a tag build."""
+    over = DET + [f"data.shapes.out={tmp_path / 'shapes'}", "train.epochs=1", "model.targets=[backbone.body.layer4.0]",
+                  "model.num_experts=2", "model.k=1"]
+    train(load_config("detection_shapes", over), tmp_path / "det")
+    rec = json.loads((tmp_path / "det" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "loss/backbone.body.layer4.0/kl" in rec["train"] and "loss/aux" in rec["train"]
+    assert "backbone.body.layer4.0" in rec["routing"]
+
+    from moecnn.models import ModelConfig, build_classifier
+    from moecnn.train.runs import load_model_state
+
+    cfg = ModelConfig(name="resnet10_tiny", width=8, moe="resblock", num_experts=3, k=2, stacked=True)
+    torch.manual_seed(0)
+    a = build_classifier(cfg, num_classes=5).eval()
+    sd = a.state_dict()
+    legacy = {k: v for k, v in sd.items() if ".experts." not in k}
+    for k, v in sd.items():  # the former layout: experts.net.<path>, tensors concatenated over the experts
+        if ".experts.0." in k:
+            rest = k.split(".experts.0.", 1)
+            parts = [sd[f"{rest[0]}.experts.{e}.{rest[1]}"] for e in range(3)]
+            legacy[f"{rest[0]}.experts.net.{rest[1]}"] = parts[0] if v.dim() == 0 else torch.cat(parts)
+    b = build_classifier(cfg, num_classes=5).eval()
+    load_model_state(b, legacy, tmp_path / "old.pt")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x))
+
+    old = tmp_path / "old.yaml"
+    old.write_text("task: detection\nmodel: {balance: null}\noptim: {epochs: 6}\nlog: {print_every: 0, eval_every: 0}\n")
+    c = load_config(str(old))
+    assert c.model.balance == "none" and c.train.eval_every == 6 and c.log.check_every == 50
+
+    r = train(load_config("tiny", CLS + ["train.epochs=2", "train.stop_after_epochs=0"]), tmp_path / "zero")
+    assert r["stopped_after_epoch"] == -1 and (tmp_path / "zero" / "config.yaml").is_file()
+    assert not (tmp_path / "zero" / "checkpoint.pt").exists()
+
+    from moecnn.models.builder import timm_source
+
+    assert timm_source("resnet10t.c3_in1k", 7, 3, ModelConfig()).fc.out_features == 7

@@ -26,12 +26,13 @@ Config keys (override with key=value): task, data.*, model.*, optim.*, train.*, 
 (split evenly across DDP ranks). Preset grid: paper_moe_p{1-4}_n{N}_{importance,kl,relative,mean}
 (likewise fast_moe_p..._n..._...) = paper_moe/fast_moe with model.position/num_experts/balance set.
 
-RUN_DIR holds: config.yaml (resolved), meta.json (seed, git commit, versions, device, command, start
-time), metrics.jsonl (one JSON per epoch: losses by term, accuracies, lr, images/s, per-layer expert
-importance/routed shares, warnings), checkpoint.pt (last epoch, for --resume), best.pt (best val top-1),
-final.json (LAST epoch's test top-1/top-5 + its val accuracy; test never selects anything), tb/.
-train.stop_after_epochs=N stops after N epochs (resume later); train.deterministic=true for bit-exact
-resume on CPU; train.threads=N sets CPU threads. Errors print one 'error: ...' line (exit code 2).
+RUN_DIR holds: config.yaml (resolved), meta.json (seed, moecnn version and source hash, git commit, versions,
+device, command, start time), metrics.jsonl (one JSON per epoch: losses by term, accuracies, lr, images/s,
+per-layer expert importance/routed shares, warnings), checkpoint.pt (last epoch, for --resume), best.pt (best
+validation metric: top-1 or AP), final.json (the LAST epoch's metrics: test and val for classification, val
+for detection; nothing is selected on the test set), probe_routing.npz, tb/. The directory is locked while a
+run trains. train.stop_after_epochs=N stops after N epochs (resume later); train.deterministic=true for
+bit-exact resume on CPU; train.threads=N sets CPU threads. Errors print one 'error: ...' line (exit code 2).
 """
 
 

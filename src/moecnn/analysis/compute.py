@@ -14,11 +14,14 @@ def load_for_analysis(run_dir, device: str = "cpu", with_model: bool = True):
 
         model, _cfg, task = load_run(run_dir, which="last", device=device)
         return model, task.bundle
-    from ..data import build_data
+    from ..registry import TASKS
     from ..train.config import load_config
     from ..train.runs import load_config_file
 
-    return None, build_data(load_config(base=load_config_file(run_dir)).data)
+    cfg = load_config(base=load_config_file(run_dir))
+    task = TASKS.get(cfg.task)(cfg, run_dir)
+    task.setup(train=False)
+    return None, task.bundle
 
 
 def _norm_input(images, mean, std):

@@ -22,8 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..registry import CONSTRAINTS, LOSSES
 from .balance import HardConstraint, RoutingStats, build_constraint
 from .gates import build_gate
-from .grouped import ExpertContext, drop_path_spec
-from .stacked import StackedExperts, _close
+from .grouped import ExpertContext
+from .stacked import StackedExperts, _close, _random_leaf
 
 
 @dataclass
@@ -127,10 +127,6 @@ def _call_in(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torc
 
 def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def _random_leaf(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.dropout._DropoutNd) or drop_path_spec(m) is not None
 
 
 class MoE(nn.Module):
@@ -271,8 +267,10 @@ class MoE(nn.Module):
 
     @property
     def executions(self) -> Dict[str, str]:
-        """What ``stacked=None`` chose so far: ``{"<input shape> <dtype> train|eval": "stacked"|"experts"}``."""
-        return {f"{tuple(k[0])} {k[1]} {'train' if k[3] else 'eval'}": v for k, v in self._engines.items()}
+        """What ``stacked=None`` chose so far: ``{"C=<channels> B~2^<b> HW~2^<s> <dtype> train|eval": choice}``
+        (one choice per channel count and power-of-two class of batch size and map area)."""
+        return {f"C={k[0]} B~2^{k[1][0]} HW~2^{k[1][1]} {k[2]} {'train' if k[4] else 'eval'}": v
+                for k, v in self._engines.items()}
 
     # ------------------------------------------------------------------ controls
     @property
@@ -517,11 +515,17 @@ class MoE(nn.Module):
             return "experts"
         if self.stacked:
             return "stacked"
-        key = (tuple(x.shape), x.dtype, x.device.type, self.training, torch.is_grad_enabled(), static,
+        # one choice per channel count and power-of-two class of batch and map size: detection feature maps
+        # change size with every image and FPN level, and each measurement costs a few passes
+        size = tuple(int(v).bit_length() for v in (x.shape[0], math.prod(x.shape[2:]) if x.dim() > 2 else 1))
+        key = (x.shape[1], size, x.dtype, x.device.type, self.training, torch.is_grad_enabled(), static,
                _channels_last(x), torch.is_autocast_enabled(x.device.type))
         eng = self._engines.get(key)
         if eng is None:
-            eng = self._measure(x, idx, w) if self._should_measure(x, static) else "experts"
+            if len(self._engines) >= 32:  # enough measured: the most frequent choice so far
+                eng = max(("experts", "stacked"), key=list(self._engines.values()).count)
+            else:
+                eng = self._measure(x, idx, w) if self._should_measure(x, static) else "experts"
             self._engines[key] = eng
         return eng
 

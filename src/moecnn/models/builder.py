@@ -64,7 +64,7 @@ def torchvision_source(name: str, num_classes: int, in_channels: int, cfg: Any) 
 def timm_source(name: str, num_classes: int, in_channels: int, cfg: Any) -> nn.Module:
     import timm
 
-    if not timm.list_models(name):
+    if not timm.is_model(name):
         raise ValueError(f"timm has no model '{name}' (see timm.list_models('{name[:4]}*'))")
     return timm.create_model(name, pretrained=bool(getattr(cfg, "pretrained", False)), num_classes=num_classes,
                              in_chans=in_channels)

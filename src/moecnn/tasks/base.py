@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -99,6 +99,10 @@ class Task:
         return routing(self.layers)
 
     # ------------------------------------------------------------------ evaluation
+    def eval_batch_size(self, train_batch: Optional[int] = None) -> int:
+        """Evaluation batch when ``train.eval_batch_size`` is unset (``train_batch``: the per-rank training batch)."""
+        return train_batch or 8
+
     def evaluate(self, model: nn.Module, split: str, batch_size: int, details: bool = False,
                  tta: str = "none") -> Dict[str, Any]:
         """Metrics of ``model`` (eval mode, its current routing controls) on ``split``."""
@@ -114,14 +118,3 @@ class Task:
     def probe(self, model: nn.Module, size: int) -> Optional[Dict[str, np.ndarray]]:
         """Routing of a fixed set of ``size`` evaluation images (the same images at every call)."""
         return None
-
-
-def unit_arrays(records: Iterable[Tuple[str, RoutingRecord]]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """{unit: (top-1 expert, weights)} as numpy from routing records (spatial routing averaged per image)."""
-    out = {}
-    for name, r in records:
-        w = r.weights.float()
-        if w.dim() == 4:
-            w = w.mean((2, 3))
-        out[name] = (w.argmax(1).cpu().numpy(), w.cpu().numpy())
-    return out

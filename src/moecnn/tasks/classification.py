@@ -200,6 +200,9 @@ class Classification(Task):
             raise ValueError(f"the run's data has no '{split}' split (empty or data.val_size=0); use --split {other}")
         return self._loader(getattr(self.bundle, split), batch_size, False)
 
+    def eval_batch_size(self, train_batch: Optional[int] = None) -> int:
+        return max(train_batch or 0, 256) if train_batch else 512
+
     def evaluate(self, model, split: str, batch_size: int, details: bool = False, tta: str = "none") -> Dict[str, Any]:
         c2s = self.bundle.class_to_super
         return evaluate(model, self.eval_loader(split, batch_size), self.bundle.num_classes, self.device,

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.config import DetectionDataConfig
 from ..models.config import DetectorConfig, check_moe
+from ..layers import aux_loss
 from ..registry import DETECTORS, TASKS
 from .base import Task, autocast
 
@@ -127,7 +128,7 @@ class Detection(Task):
             raise ValueError(f"model.moe_heads must be both, cls, reg or none, got '{m.moe_heads}'")
         if m.routing not in ("level", "anchor"):
             raise ValueError(f"model.routing must be level or anchor, got '{m.routing}'")
-        if m.moe_heads != "none" and not m.name.endswith("_fpn"):
+        if (m.moe_heads != "none" and not m.name.endswith("_fpn")) or m.targets:
             check_moe(m)
         if not 0 <= d.hflip <= 1:
             raise ValueError(f"data.hflip must be a probability in [0, 1], got {d.hflip}")
@@ -216,7 +217,9 @@ class Detection(Task):
     # ------------------------------------------------------------------ training step
     def losses(self, model, batch):
         images, targets = batch
-        terms = model(images, targets)
+        terms = dict(model(images, targets))  # the heads' own losses, their balancing term as "aux"
+        if self._other_layers:  # MoE layers from model.targets (e.g. in the backbone) add their balancing terms
+            terms.update(aux_loss(self._other_layers)[1])
         return terms, {}
 
     def batch_size(self, batch) -> int:
@@ -238,6 +241,8 @@ class Detection(Task):
         super().bind(model)
         mods = dict(model.named_modules())
         self._heads = {name: mods.get(name.rsplit(".", 1)[0] if "." in name else "") for name in self.layers}
+        self._other_layers = {n: m for n, m in self.layers.items()
+                              if getattr(self._heads[n], "level_records", None) is None}
         return model
 
     # ------------------------------------------------------------------ evaluation

@@ -198,8 +198,10 @@ LEGACY_DROPPED = {"detection": ("name", "log.final_sweep")}
 
 
 def migrate(raw: DictConfig) -> DictConfig:
-    """A config of moecnn 0.1 rewritten in today's keys (``optim.bf16`` → ``train.precision``, warm-up
-    iterations → epochs are approximated as 0 when the epoch length is unknown, ...). Unknown keys stay for the
+    """A config of moecnn 0.1 rewritten in today's keys and values (``optim.bf16`` → ``train.precision``,
+    ``schedule: none`` → ``constant``, a ``null`` balance → ``none``, 0 for "quiet" / "evaluate only at the end"
+    → the defaults / ``train.epochs``). Detection's ``optim.warmup_iters`` has no equivalent without the epoch
+    length and is dropped (its warm-up then starts at ``optim.warmup_epochs``). Unknown keys stay for the
     schema to refuse."""
     d = OmegaConf.to_container(raw, resolve=False)
     task = str(d.get("task", "classification"))
@@ -220,6 +222,18 @@ def migrate(raw: DictConfig) -> DictConfig:
             node = node.setdefault(p, {})
         node.setdefault(leaf, value)
 
+    if task == "detection":
+        for key, zero in (("log.print_every", None), ("log.eval_every", "epochs")):
+            v, found = pop(key)
+            if found and v == 0:  # 0.1: 0 meant quiet / only after the last epoch
+                if zero == "epochs":
+                    epochs = (d.get("optim") or {}).get("epochs") or (d.get("train") or {}).get("epochs")
+                    if epochs:
+                        put("train.eval_every", epochs)
+            elif found:
+                put(LEGACY_MOVES["detection"][key], v)
+        if (d.get("model") or {}).get("balance", "") is None:
+            d["model"]["balance"] = "none"
     for old, new in LEGACY_MOVES.get(task, {}).items():
         v, found = pop(old)
         if found:
@@ -322,6 +336,8 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"{name} must be >= 1 or null, got {v}")
     if t.stop_after_epochs is not None and t.stop_after_epochs < 0:
         raise ValueError(f"train.stop_after_epochs must be >= 0 or null, got {t.stop_after_epochs}")
+    if t.collapse_patience < 1:
+        raise ValueError(f"train.collapse_patience must be >= 1, got {t.collapse_patience}")
     if t.probe_size < 0:
         raise ValueError(f"train.probe_size must be >= 0 (0 = off), got {t.probe_size}")
     if o.lr <= 0:

@@ -5,6 +5,7 @@ group (nccl on CUDA, gloo otherwise) and gives each rank its own device. Single-
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -61,7 +62,10 @@ def init(device_spec: str = "auto", backend: str = "auto") -> Dist:
         device = torch.device(f"cuda:{local % n}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # rank 0 evaluates (validation, COCO AP, the final test) while the others wait in a collective: allow
+        # that as long as a full evaluation may take ($MOECNN_DIST_TIMEOUT seconds, default 2 h)
+        timeout = datetime.timedelta(seconds=float(os.environ.get("MOECNN_DIST_TIMEOUT", 7200)))
+        dist.init_process_group(backend=backend, timeout=timeout)
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 

@@ -18,6 +18,8 @@ with a validation split only, like detection, writes the ``val_`` names):
 With a :class:`~moecnn.layers.control.RoutingControls` (``--k/--force-expert/--disable-experts/--dense/--layer``)
 or ``--tta flip`` only that setting is evaluated (``custom_<tag>.json``). Every file records the checkpoint it
 came from (``checkpoint`` and its ``checkpoint_sha256``), so analyses can tell a stale file from a current one.
+The names above are those of the last checkpoint (what ``analyze``, ``table`` and ``report`` read);
+``--which best`` writes ``best_test.json``, ``best_k_sweep.json`` … and a checkpoint file ``F.pt`` ``F_test.json`` ….
 """
 from __future__ import annotations
 
@@ -75,10 +77,12 @@ def run_eval(
         why = " (empty or data.val_size=0)" if split in task.splits else ""
         raise ValueError(f"this {cfg.task} run has no '{split}' split{why}; use --split "
                          f"{' or '.join(choices) or 'another split'}")
-    bs = batch_size or cfg.train.eval_batch_size or (512 if cfg.task == "classification" else 8)
+    bs = batch_size or cfg.train.eval_batch_size or task.eval_batch_size()
     layers = moe_layers(model)
     ck = checkpoint_path(run_dir, which)
-    info = {"run": str(run_dir), "task": cfg.task, "checkpoint": which, "checkpoint_sha256": fingerprint(ck),
+    named = which if which in ("last", "best") else str(ck.resolve())
+    tagc = "" if which == "last" else ("best_" if which == "best" else f"{ck.stem}_")  # never the last's files
+    info = {"run": str(run_dir), "task": cfg.task, "checkpoint": named, "checkpoint_sha256": fingerprint(ck),
             "split": split, **{k_: task.info[k_] for k_ in ("class_names", "superclass_names") if k_ in task.info}}
 
     def ev(c: RoutingControls = RoutingControls(), tta_mode: str = "none") -> Dict:
@@ -91,7 +95,7 @@ def run_eval(
             raise
 
     out_dir = run_dir / "eval"
-    prefix = suite_prefix(split)
+    prefix = tagc + suite_prefix(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     if controls.active or tta != "none":
         if controls.active and not layers:
@@ -103,11 +107,11 @@ def run_eval(
         return {"setting": tag, **_head(res), "file": str(f)}
 
     default = ev()
-    save_json(out_dir / f"{split}.json", {**info, **default})
+    save_json(out_dir / f"{tagc}{split}.json", {**info, **default})
     summary: Dict = {"default": _head(default)}
     if cfg.task == "classification" and cfg.data.get("augment", {}).get("flip", False):
         flip = ev(tta_mode="flip")
-        save_json(out_dir / f"{split}_tta_flip.json", {**info, "tta": "flip", **flip})
+        save_json(out_dir / f"{tagc}{split}_tta_flip.json", {**info, "tta": "flip", **flip})
         summary["tta_flip"] = _head(flip)
     if layers:
         first = next(iter(layers.values()))
@@ -125,6 +129,6 @@ def run_eval(
         rt = task.routing_dump(model, split, bs)
         if rt is not None:
             rt["checkpoint_sha256"] = np.array(info["checkpoint_sha256"])
-            np.savez_compressed(out_dir / f"routing_{split}.npz", **rt)
+            np.savez_compressed(out_dir / f"{tagc}routing_{split}.npz", **rt)
     save_json(out_dir / f"{prefix}summary.json", {**info, **summary})
     return summary

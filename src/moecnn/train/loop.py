@@ -172,7 +172,7 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
     per_rank = o.batch_size // d.world_size
     loader = task.train_loader(per_rank, seed=int(t.seed), rank=d.rank, world_size=d.world_size)
     steps = min(len(loader), t.max_steps_per_epoch or len(loader))
-    eval_bs = t.eval_batch_size or (max(per_rank, 256) if cfg.task == "classification" else per_rank)
+    eval_bs = t.eval_batch_size or task.eval_batch_size(per_rank)
 
     opt = build_optimizer(raw, o, d.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, t.epochs, steps))
@@ -246,6 +246,9 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
     val = None
     epoch = start - 1
     for epoch in range(start, t.epochs):
+        if t.stop_after_epochs is not None and epoch - start >= t.stop_after_epochs:  # as asked: stop here
+            stopped_early = True
+            break
         model.train()
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -271,6 +274,9 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
             scaler.update()
             lr = opt.param_groups[0]["lr"]  # the lr this step used (a host float: no sync)
             sched.step()
+            if step == 0 and epoch == start and cuda and not t.deterministic and t.cudnn_benchmark is None:
+                # a layer knows whether its padded buffers are exact only after its first forward
+                torch.backends.cudnn.benchmark = all(m.static_shapes for m in layers.values())
             b = task.batch_size(batch)
             n_img += b
             with torch.no_grad():
@@ -285,10 +291,10 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
                     cnt[n] = cnt.get(n, 0) + rec.counts.float()
             if (step + 1) % cfg.log.check_every == 0:
                 if D.all_reduce_sum(bad.float()).item() > 0:
-                    _nonfinite(run_dir, epoch, step, start)
+                    _nonfinite(run_dir, epoch, step)
                 progress.postfix(loss=f"{loss.item():.3f}")
         if D.all_reduce_sum(bad.float()).item() > 0:
-            _nonfinite(run_dir, epoch, steps - 1, start)
+            _nonfinite(run_dir, epoch, steps - 1)
 
         D.average_buffers(raw)
         # one reduction + one host copy for all epoch statistics
@@ -341,9 +347,6 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
                 save_torch(run_dir / "best.pt", {"model": state["model"], "epoch": epoch, "val": val,
                                                  "data": state["data"]})
         D.barrier()
-        if t.stop_after_epochs is not None and epoch + 1 - start >= t.stop_after_epochs and not last:
-            stopped_early = True
-            break
 
     if finishing and task.has_split("val"):  # the last epoch's validation, as an uninterrupted run reports it
         val = D.broadcast_object(task.evaluate(raw, "val", eval_bs) if d.main else None)
@@ -351,9 +354,9 @@ def _run(cfg: DictConfig, run_dir: Path, resume: bool, d: D.Dist):
         writer.close()
     if stopped_early:
         if d.main:
-            progress.line(f"stopped after epoch {epoch} as asked (train.stop_after_epochs); "
+            progress.line(f"stopped after {epoch - start} epoch(s) as asked (train.stop_after_epochs); "
                           f"continue with: moecnn train --resume {run_dir}")
-        return {"stopped_after_epoch": epoch, "run_dir": str(run_dir)}, raw
+        return {"stopped_after_epoch": epoch - 1, "run_dir": str(run_dir)}, raw
 
     final = None
     if d.main:
@@ -436,7 +439,7 @@ def routing_health(stats: Dict[str, Dict], streak: Dict[str, int], patience: int
     return warnings
 
 
-def _nonfinite(run_dir: Path, epoch: int, step: int, start: int) -> None:
+def _nonfinite(run_dir: Path, epoch: int, step: int) -> None:
     if (run_dir / "checkpoint.pt").exists() and epoch > 0:
         kept = (f"the last good checkpoint ({run_dir / 'checkpoint.pt'}, {epoch} finished epochs) is kept — lower "
                 f"optim.lr or set optim.grad_clip, then continue with --resume or retrain")

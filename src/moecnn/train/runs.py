@@ -262,11 +262,18 @@ def is_current(run_dir: Path, derived: Optional[Dict]) -> bool:
 
 
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
-    """Strict load; a mismatch becomes one line naming a few offending keys."""
+    """Strict load (through the modules' own load hooks, so older layouts convert); a mismatch becomes one line
+    naming a few offending keys."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
     shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    missing: List[str] = []
+    extra: List[str] = []
+    if not shape:
+        try:
+            res = model.load_state_dict(state, strict=False)
+            missing, extra = list(res.missing_keys), list(res.unexpected_keys)
+        except RuntimeError as e:  # a size mismatch found after a load hook converted the keys
+            shape = [ln.split('"')[1] for ln in str(e).splitlines() if "size mismatch for" in ln and '"' in ln] or ["?"]
     if missing or extra or shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", extra), ("shape mismatch", shape)):
@@ -276,7 +283,6 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
             f"checkpoint '{path}' does not match the model in the config ({'; '.join(parts)}); "
             f"it was made for another architecture — check model.* settings or the run directory"
         )
-    model.load_state_dict(state)
 
 
 def load_config_file(run_dir: Path) -> DictConfig:
@@ -304,7 +310,7 @@ def checkpoint_path(run_dir: Path, which: str = "last") -> Path:
     return Path(which)
 
 
-def load_run(run_dir, which: str = "last", device="cpu", data: bool = True, split: Optional[str] = None):
+def load_run(run_dir, which: str = "last", device="cpu", data: bool = True):
     """(model in eval mode on ``device``, resolved config, task) of a run directory or an exported folder.
 
     ``which``: "last" (checkpoint.pt), "best" (best.pt) or a checkpoint path. With ``data`` the task's data is
