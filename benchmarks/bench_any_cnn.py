@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import moecnn
+from _timing import device_setup, kernel_ms, random_batches
 
 MODELS = {  # name: (library, constructor name, two blocks to moeify)
     "resnet50": ("torchvision", "resnet50", ["layer3.1", "layer4.1"]),
@@ -59,17 +60,6 @@ def build(name: str, moe_kw):
     return model
 
 
-def kernel_ms(step, dev, steps: int) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(dev)
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e3 / steps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -84,16 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.device, args.batch, args.size, args.steps, args.warmup = "cpu", 4, 64, 2, 1
-    dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    mf = torch.channels_last if cuda else torch.contiguous_format
-    g = torch.Generator(device=dev).manual_seed(0)
-    batches = [torch.randn(args.batch, 3, args.size, args.size, device=dev, generator=g).contiguous(memory_format=mf)
-               for _ in range(4)]
-    labels = [torch.randint(0, 1000, (args.batch,), device=dev, generator=g) for _ in range(4)]
+    dev, cuda, sync, mf = device_setup(args.device)
+    batches, labels = random_batches(4, args.batch, args.size, 1000, dev, mf)
     results = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "batch": args.batch, "size": args.size,
                "precision": "bf16 autocast" if cuda else "fp32", "runs": {}}
@@ -128,7 +110,7 @@ def main() -> None:
                     step()
                 sync()
                 row["ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
-                row["kernel_ms"] = kernel_ms(step, dev, min(5, args.steps)) if cuda else None
+                row["kernel_ms"] = kernel_ms(step, sync, min(5, args.steps)) if cuda else None
                 row["executions"] = {n: m.executions for n, m in layers.items()}
                 row["static_shapes"] = all(m.static_shapes for m in layers.values())
                 row["dropped"] = {n: float(m.record.dropped) for n, m in layers.items()

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _timing import device_setup, kernel_ms, random_batches
 from moecnn import aux_loss, moe_layers
 from moecnn.models import create_model
 
@@ -95,18 +96,6 @@ def step_flops(kw, width, batch, dev, useful: bool) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def kernel_ms(step, sync, steps: int) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        sync()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                   if str(getattr(e, "device_type", "")).endswith("CUDA"))
-    return total_us / 1e3 / steps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -120,16 +109,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.device, args.batch, args.width, args.steps, args.warmup = "cpu", 8, 8, 2, 1
-    dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    mf = torch.channels_last if cuda else torch.contiguous_format
-    g = torch.Generator(device=dev).manual_seed(0)
-    batches = [torch.randn(args.batch, 3, 32, 32, device=dev, generator=g).contiguous(memory_format=mf)
-               for _ in range(16)]
-    labels = [torch.randint(0, 100, (args.batch,), device=dev, generator=g) for _ in range(16)]
+    dev, cuda, sync, mf = device_setup(args.device)
+    batches, labels = random_batches(16, args.batch, 32, 100, dev, mf)
     results = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "batch": args.batch, "width": args.width,
                "steps": args.steps, "variants": {}}
