@@ -2,8 +2,8 @@
 (a benchmark, not a test), against the FLOP bound of k full-head experts.
 
     python benchmarks/bench_detection.py [--device cuda] [--arch resnet18] [--steps 30] [--batch 8]
-        [--image-size 512] [--routing level anchor] [--executions default stacked per_expert capacity]
-        [--bf16] [--freeze-backbone] [--out results.json]
+        [--image-size 512] [--routing level anchor] [--executions default per_level per_level_stacked ...]
+        [--bf16] [--channels-last] [--freeze-backbone] [--out results.json]
 
 Generates a small shapes set (moecnn.data.shapes) in a temporary folder, then for each model trains
 ``--steps`` optimizer steps (after ``--warmup`` steps) on the same batches and prints images/s of each and
@@ -75,8 +75,13 @@ def step_flops(model, batch) -> tuple:
     return fc.get_total_flops(), heads
 
 
-EXECUTIONS = {"default": {}, "stacked": {"stacked": True}, "per_expert": {"stacked": False},
-              "capacity": {"capacity_factor": 1.25}}
+# default: every expert runs once on all FPN levels packed into one map (heads without normalisation);
+# per_level*: one MoE call per level with the layer's own execution (measured choice, forced grouped, forced
+# per expert, training capacity 1.25)
+EXECUTIONS = {"default": {}, "per_level": {"packed": False},
+              "per_level_stacked": {"packed": False, "stacked": True},
+              "per_level_per_expert": {"packed": False, "stacked": False},
+              "per_level_capacity": {"packed": False, "capacity_factor": 1.25}}
 
 
 def main(argv=None) -> dict:
@@ -93,6 +98,8 @@ def main(argv=None) -> dict:
     p.add_argument("--executions", nargs="+", default=["default"], choices=list(EXECUTIONS))
     p.add_argument("--moe-heads", default="both", choices=["both", "cls", "reg"])
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--channels-last", action="store_true",
+                   help="models in channels_last (NHWC) memory format, as train.channels_last=true does")
     p.add_argument("--freeze-backbone", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -115,8 +122,9 @@ def main(argv=None) -> dict:
                   freeze_backbone=args.freeze_backbone, anchor_sizes=(16, 32, 64, 128, 256))
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
                "arch": args.arch, "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
-               "bf16": args.bf16, "num_experts": args.num_experts, "k": args.k, "rows": []}
-    dense = create_model(f"retinanet_{args.arch}_fpn", **common).to(device)
+               "bf16": args.bf16, "channels_last": args.channels_last, "num_experts": args.num_experts, "k": args.k, "rows": []}
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    dense = create_model(f"retinanet_{args.arch}_fpn", **common).to(device, memory_format=mf)
     f_total, f_heads = step_flops(dense, batches[0])
     bounds = {r: f_total / (f_total + ((args.k if r == "level" else args.num_experts) - 1) * f_heads)
               for r in ("level", "anchor")}
@@ -128,13 +136,13 @@ def main(argv=None) -> dict:
         for ex in args.executions:
             torch.manual_seed(0)
             moe = create_model(f"retinanet_{args.arch}_fpn_moe", num_experts=args.num_experts, k=args.k,
-                               routing=routing, moe_heads=args.moe_heads, **EXECUTIONS[ex], **common).to(device)
+                               routing=routing, moe_heads=args.moe_heads, **EXECUTIONS[ex], **common).to(device, memory_format=mf)
             ips = bench(moe, batches, device, args.steps, args.warmup, args.bf16)
             ratio = ips / results["dense_images_per_s"]
             results["rows"].append({"routing": routing, "execution": ex, "images_per_s": ips, "ratio": ratio,
                                     "bound": bounds[routing], "of_bound": ratio / bounds[routing]})
             del moe
-    print(f"RetinaNet {args.arch}-FPN, {args.image_size} px, batch {args.batch}, bf16={args.bf16}, "
+    print(f"RetinaNet {args.arch}-FPN, {args.image_size} px, batch {args.batch}, bf16={args.bf16}, channels_last={args.channels_last}, "
           f"{results['device']}: dense {results['dense_images_per_s']:.1f} images/s; heads are "
           f"{100 * results['head_share']:.0f}% of the step's {results['step_gflops']:.0f} GFLOP, so k={args.k} "
           f"full-head experts bound the MoE at {bound:.3f}x dense (per-anchor routing, all {args.num_experts} "

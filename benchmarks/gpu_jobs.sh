@@ -48,7 +48,7 @@ job_profile() { python3 benchmarks/profile_step.py --steps 20 --warmup 10 --out 
 job_any_cnn() { python3 benchmarks/bench_any_cnn.py --steps 10 --warmup 5 --out "$bench/bench_any_cnn.json"; }
 job_detection() {
   python3 benchmarks/bench_detection.py --device cuda --arch resnet18 --image-size 512 --batch 8 --bf16 \
-    --steps 20 --warmup 5 --routing level anchor --executions default stacked per_expert capacity \
+    --steps 20 --warmup 5 --routing level anchor --executions default per_level per_level_stacked per_level_capacity \
     --out "$bench/bench_detection.json"
 }
 job_upcycle() {  # the dense long run's stage 4 becomes an MoE of 4 copies (+1 % noise), fine-tuned 30 epochs

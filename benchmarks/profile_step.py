@@ -43,6 +43,8 @@ VARIANTS = {
     "dense_compile_ro": ("compiled", dict(moe="none"), True, "reduce-overhead"),
     "moe_stacked_cap1.25_compile_ro": ("compiled", {**MOE, "stacked": True, "capacity_factor": 1.25}, True,
                                        "reduce-overhead"),
+    "moe_experts_cap1.25_compile_ro": ("compiled", {**MOE, "stacked": False, "capacity_factor": 1.25}, True,
+                                       "reduce-overhead"),
     "dense": ("eager", dict(moe="none"), True, None),
     "moe_default": ("eager", MOE, True, None),
     "moe_stacked": ("eager", {**MOE, "stacked": True}, True, None),

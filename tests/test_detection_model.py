@@ -176,8 +176,9 @@ def test_stacked_head_experts_match_list_experts(tmp_path, head_norm):
     dense = create_model("retinanet_resnet18_fpn", **kw)
     path = tmp_path / "dense.pt"
     torch.save(dense.state_dict(), path)
-    a = create_model("retinanet_resnet18_fpn_moe", weights=str(path), expert_noise=0.05, **kw)
+    a = create_model("retinanet_resnet18_fpn_moe", weights=str(path), expert_noise=0.05, packed=False, **kw)
     b = create_model("retinanet_resnet18_fpn_moe", weights=str(path), expert_noise=0.05, stacked=True, **kw)
+    assert not b.head.classification_head.packed  # an explicit execution of the layer is per level
     assert isinstance(b.head.classification_head.moe.experts, moecnn.layers.StackedExperts)
     for ha, hb in ((a.head.classification_head, b.head.classification_head),
                    (a.head.regression_head, b.head.regression_head)):
@@ -193,3 +194,122 @@ def test_stacked_head_experts_match_list_experts(tmp_path, head_norm):
         torch.testing.assert_close(y["boxes"], x["boxes"], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(y["scores"], x["scores"], atol=1e-5, rtol=1e-4)
     _train_step(b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# packed levels: every expert once on all FPN levels in one map == one MoE call per level
+# ---------------------------------------------------------------------------------------------------------
+from moecnn.models.retinanet import HeadTower, pack_layout, pack_levels, pack_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)],
+                                   [(3, 20), (2, 10), (1, 5)], [(6, 5)], [(2, 2), (7, 3)]])
+def test_pack_layout_keeps_levels_apart(sizes):
+    """Levels fit in the map, never overlap and never touch (not even diagonally): a 3×3 window centred on
+    one level's cell sees no other level's cell."""
+    height, width, pos = pack_layout(sizes)
+    owner = -torch.ones(height, width, dtype=torch.long)
+    for i, ((h, w), (t, l)) in enumerate(zip(sizes, pos)):
+        assert t >= 0 and l >= 0 and t + h <= height and l + w <= width
+        assert (owner[t:t + h, l:l + w] == -1).all()
+        owner[t:t + h, l:l + w] = i
+    padded = torch.nn.functional.pad(owner, (1, 1, 1, 1), value=-1)
+    for i, ((h, w), (t, l)) in enumerate(zip(sizes, pos)):
+        window = padded[t:t + h + 2, l:l + w + 2]
+        assert ((window == -1) | (window == i)).all()
+    mask = pack_mask(sizes, (height, width, pos), "cpu")
+    assert mask.sum() == sum(h * w for h, w in sizes) and torch.equal(mask[0, 0] > 0, owner >= 0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tower_on_packed_levels_equals_each_level(channels_last):
+    torch.manual_seed(0)
+    tower = HeadTower(6, 2, 3, flatten=False, num_convs=3).double()
+    for p in tower.parameters():  # far from the tiny default initialisation, so errors would show
+        torch.nn.init.normal_(p, std=0.5)
+    sizes = [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)]
+    xs = [torch.randn(2, 6, h, w, dtype=torch.float64) for h, w in sizes]
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    layout = pack_layout(sizes)
+    canvas = pack_levels(xs, layout)
+    assert canvas.is_contiguous(memory_format=torch.channels_last) == channels_last
+    out = tower(canvas, pack_mask(sizes, layout, "cpu", torch.float64))
+    for x, (t, l) in zip(xs, layout[2]):
+        ref = tower(x)
+        torch.testing.assert_close(out[..., t:t + x.shape[-2], l:l + x.shape[-1]], ref, rtol=1e-12, atol=1e-12)
+
+
+def _twin_models(routing, **kw):
+    torch.manual_seed(3)
+    a = create_model("retinanet_resnet18_fpn_moe", routing=routing, **dict(SMALL, head_convs=2, **kw))
+    b = create_model("retinanet_resnet18_fpn_moe", routing=routing, packed=False, **dict(SMALL, head_convs=2, **kw))
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):  # larger head weights than the tiny default initialisation, so differences would show
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in m.head.named_parameters():
+                if ".experts." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    assert a.head.classification_head.packed and a.head.regression_head.packed
+    assert not b.head.classification_head.packed
+    return a, b
+
+
+@pytest.mark.parametrize("routing", ["level", "anchor"])
+@pytest.mark.parametrize("balance", ["kl", "relative"])
+def test_packed_heads_equal_per_level_heads_in_training(routing, balance):
+    """Training step of the packed heads vs one MoE call per level (same weights, same noise draws):
+    losses, every gradient (backbone, gates, noise, experts), routing records and hard-constraint state."""
+    a, b = _twin_models(routing, balance=balance)
+    images, targets = _batch()
+    out = []
+    for m in (a, b):
+        m.train()
+        torch.manual_seed(7)
+        losses = m(images, targets)
+        sum(losses.values()).backward()
+        out.append((losses, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, m.head.level_records))
+    (la, ga, ra), (lb, gb, rb) = out
+    for key in lb:
+        torch.testing.assert_close(la[key], lb[key], rtol=1e-5, atol=1e-6)
+    assert set(ga) == set(gb)
+    for name in gb:  # float32 sums in another order: tolerance relative to each tensor's scale
+        scale = gb[name].abs().max().item()
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5 * scale + 1e-9, msg=name)
+    for head in rb:
+        for x, y in zip(ra[head], rb[head]):
+            torch.testing.assert_close(x.weights, y.weights)
+            torch.testing.assert_close(x.indices, y.indices)
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb
+        torch.testing.assert_close(ta, tb, msg=na)  # hard-constraint state and every other buffer
+
+
+@pytest.mark.parametrize("controls", [dict(force=1), dict(disabled=[0]), dict(k=1), dict(dense=True)])
+def test_packed_heads_equal_per_level_heads_under_routing_controls(controls):
+    a, b = _twin_models("level")
+    images, _ = _batch()
+    res = []
+    for m in (a, b):
+        m.eval()
+        with torch.no_grad(), routing_override(m, **controls):
+            res.append(m(images))
+    for x, y in zip(*res):
+        torch.testing.assert_close(x["scores"], y["scores"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x["boxes"], y["boxes"], rtol=1e-3, atol=1e-3)
+        assert torch.equal(x["experts"], y["experts"])
+
+
+def test_packed_channels_last_and_refusals():
+    a, b = _twin_models("level")
+    images, targets = _batch()
+    a.to(memory_format=torch.channels_last)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        for x, y in zip(a(images), b(images)):
+            torch.testing.assert_close(x["scores"], y["scores"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="packed=True needs head towers without normalisation"):
+        create_model("retinanet_resnet18_fpn_moe", head_norm="gn", packed=True, **SMALL)
+    gn = create_model("retinanet_resnet18_fpn_moe", head_norm="gn", **SMALL)
+    assert not gn.head.classification_head.packed and not gn.head.regression_head.packed

@@ -64,6 +64,22 @@ class RoutingRecord:
         return torch.stack(list(self.aux_losses.values())).sum()
 
 
+@dataclass
+class _Routing:
+    """One forward's routing: dense weights (B×N or B×N×H×W, with gradient), the top-k per unit (T×k indices
+    and softmax weights), the record's index layout, the weighted/raw balancing terms, the hard-constraint mask."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    idx: torch.Tensor
+    w: torch.Tensor
+    idx_out: torch.Tensor
+    spatial: bool
+    aux: Dict[str, torch.Tensor]
+    aux_raw: Dict[str, torch.Tensor]
+    hard_mask: Optional[torch.Tensor]
+
+
 def _first_in_channels(module: nn.Module) -> Optional[int]:
     for m in module.modules():
         for attr in ("in_channels", "in_features", "num_features"):
@@ -314,9 +330,37 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, return_record: bool = False):
-        n = self.num_experts
         if not self._shape_checked and x.shape[0] > 0:
             self._first_call(x)
+        r = self._route(x)
+        if r.spatial:
+            y, dropped = self._mix_dense(x, r.weights.movedim(1, -1)), None
+        else:
+            y, dropped = self._dispatch(x, r.idx, r.w)
+        self.record = self._make_record(r, dropped)
+        return (y, self.record) if return_record else y
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Route ``x`` without running the experts, for callers that execute them themselves (the detection
+        heads run every expert once on all FPN levels packed into one map).
+
+        Returns the gate weights, dense over the experts: B×N (per-image gates) or B×N×H×W (spatial gates),
+        zero where an expert is not chosen, each unit's weights summing to 1; ``self.record`` is set exactly as
+        :meth:`forward` sets it (auxiliary losses and hard-constraint updates included). The caller must give
+        each chosen expert's output on the unit that weight, and nothing else, for this to be the layer's
+        function."""
+        r = self._route(x)
+        self.record = self._make_record(r, None)
+        return r.weights
+
+    def _make_record(self, r: "_Routing", dropped) -> RoutingRecord:
+        return RoutingRecord(logits=r.logits.detach(), weights=r.weights.detach(), indices=r.idx_out.detach(),
+                             aux_losses=r.aux, aux_raw=r.aux_raw,
+                             masked=r.hard_mask.detach() if r.hard_mask is not None else None, dropped=dropped)
+
+    def _route(self, x: torch.Tensor) -> "_Routing":
+        """Gate, noise, masks, top-k, balancing terms and hard-constraint state of one forward."""
+        n = self.num_experts
         # routing in float32 (float64 for a float64 layer) whatever the surrounding autocast says
         rd = _routing_dtype(self.gate, x)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -381,22 +425,11 @@ class MoE(nn.Module):
             self.constraint.update(weights_tok.detach().sum(0), t_units)
 
         if spatial:
-            y, dropped = self._mix_dense(x, weights_tok.view(x.shape[0], *logits.shape[2:], n)), None
             weights_out = weights_tok.view(x.shape[0], *logits.shape[2:], n).movedim(-1, 1)
             idx_out = idx.view(x.shape[0], *logits.shape[2:], idx.shape[1])
         else:
-            y, dropped = self._dispatch(x, idx, w)
             weights_out, idx_out = weights_tok, idx
-        self.record = RoutingRecord(
-            logits=logits.detach(),
-            weights=weights_out.detach(),
-            indices=idx_out.detach(),
-            aux_losses=aux,
-            aux_raw=aux_raw,
-            masked=hard_mask.detach() if hard_mask is not None else None,
-            dropped=dropped,
-        )
-        return (y, self.record) if return_record else y
+        return _Routing(logits, weights_out, idx, w, idx_out, spatial, aux, aux_raw, hard_mask)
 
     # ------------------------------------------------------------------ execution
     def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, engine: Optional[str] = None):

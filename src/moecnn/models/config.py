@@ -67,6 +67,8 @@ class DetectorConfig(MoEConfig):
     head_norm: str = "none"
     fpn_channels: int = 256
     head_convs: int = 4
+    packed: Optional[bool] = None  # None: each expert runs once on all FPN levels packed into one map when the
+    # towers have no normalisation (head_norm=none) and stacked/capacity_factor are unset, else once per level
     score_thresh: float = 0.05
     detections_per_img: int = 100
 

@@ -94,10 +94,62 @@ class HeadTower(nn.Module):
         self.num_anchors = num_anchors
         self.out_per_anchor = out_per_anchor
         self.flatten = flatten
+        self.packable = norm_layer is None  # 3×3 convs and ReLUs only: exact on packed levels (see pack_levels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.out(self.conv(x))
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask`` (1×1×H×W, 1 on the packed levels' cells, 0 between them): each hidden layer's output is
+        multiplied by it, so every level sees zeros around it as with its own zero padding."""
+        if mask is None:
+            y = self.conv(x)
+        else:
+            y = x
+            for block in self.conv:
+                y = block(y)
+                y = y * mask.to(y.dtype)
+        y = self.out(y)
         return _to_anchor_layout(y, self.out_per_anchor) if self.flatten else y
+
+
+def pack_layout(sizes: Sequence[Sequence[int]]) -> tuple:
+    """Where FPN levels of sizes [(h, w), ...] go in one map: the first at the top left, the others stacked
+    top to bottom in a column to its right, one zero row or column between any two.
+
+    Returns (H, W, [(top, left), ...]). A 3×3 convolution with zero padding 1, stride 1 computes on every
+    level's cells of the packed map exactly what it computes on the level alone, as long as the cells between
+    levels are zero — which :class:`HeadTower` restores after every layer with the mask of
+    :func:`pack_mask`."""
+    (h0, w0), rest = sizes[0], list(sizes[1:])
+    pos = [(0, 0)]
+    top = 0
+    left = w0 + 1
+    for h, _ in rest:
+        pos.append((top, left))
+        top += h + 1
+    height = max(h0, top - 1 if rest else h0)
+    width = w0 + (1 + max(w for _, w in rest) if rest else 0)
+    return height, width, pos
+
+
+def pack_mask(sizes: Sequence[Sequence[int]], layout: tuple, device, dtype=torch.float32) -> Tensor:
+    """1×1×H×W: 1 on the levels' cells of :func:`pack_layout`, 0 elsewhere."""
+    height, width, pos = layout
+    mask = torch.zeros(1, 1, height, width, device=device, dtype=dtype)
+    for (h, w), (t, l) in zip(sizes, pos):
+        mask[..., t:t + h, l:l + w] = 1
+    return mask
+
+
+def pack_levels(xs: Sequence[Tensor], layout: tuple) -> Tensor:
+    """B×C×H×W map holding every level of ``xs`` at its place in ``layout`` (zeros elsewhere)."""
+    height, width, pos = layout
+    x0 = xs[0]
+    fmt = torch.channels_last if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous() \
+        else torch.contiguous_format
+    canvas = torch.zeros((x0.shape[0], x0.shape[1], height, width), dtype=x0.dtype, device=x0.device) \
+        .contiguous(memory_format=fmt)
+    for x, (t, l) in zip(xs, pos):
+        canvas[:, :, t:t + x.shape[-2], l:l + x.shape[-1]] = x
+    return canvas
 
 
 def _to_anchor_layout(y: Tensor, per_anchor: int) -> Tensor:
@@ -126,7 +178,8 @@ class _MoEHeadMixin:
     routing_mode: str
     per_anchor: int
 
-    def _init_moe(self, tower_kwargs: dict, num_experts: int, k: int, routing_mode: str, gate, moe_kwargs: dict):
+    def _init_moe(self, tower_kwargs: dict, num_experts: int, k: int, routing_mode: str, gate, moe_kwargs: dict,
+                  packed: Optional[bool] = None):
         if routing_mode not in ("level", "anchor"):
             raise ValueError(f"routing must be 'level' or 'anchor', got '{routing_mode}'")
         # stacked experts must keep the channel layout: the anchor layout is then applied after the mixture
@@ -150,8 +203,17 @@ class _MoEHeadMixin:
         self.routing_mode = routing_mode
         self.per_anchor = tower_kwargs["out_per_anchor"]
         self.level_records: List[RoutingRecord] = []
+        packable = experts[0].packable
+        if packed and not packable:
+            raise ValueError("packed=True needs head towers without normalisation layers (head_norm='none'): a "
+                             "group norm over the packed map would mix the FPN levels; use packed=None or False")
+        forced = moe_kwargs.get("stacked") is not None or moe_kwargs.get("capacity_factor") is not None
+        self.packed = (packable and not forced) if packed is None else bool(packed)
+        self._masks: Dict[tuple, Tensor] = {}
 
     def _moe_forward(self, x: Sequence[Tensor]) -> Tensor:
+        if self.packed:
+            return self._packed_forward(x)
         outs, records = [], []
         for features in x:
             y = self.moe(features)
@@ -161,6 +223,40 @@ class _MoEHeadMixin:
             records.append(self.moe.record)
         self.level_records = records
         return torch.cat(outs, dim=1)
+
+    def _packed_forward(self, x: Sequence[Tensor]) -> Tensor:
+        """Route every level (per-level records, as the per-level path), then run each expert once on all
+        levels packed into one map (:func:`pack_levels`) and mix each level's outputs with its gate weights:
+        the function of the per-level path, with the kernel launches of one tower call per expert instead of
+        one per expert and level. Every enabled expert runs on every image (a weight of 0 where it is not
+        chosen), so all experts get a gradient each step."""
+        moe = self.moe
+        weights, records = [], []
+        for features in x:
+            weights.append(moe.route(features))
+            records.append(moe.record)
+        self.level_records = records
+        sizes = [tuple(f.shape[-2:]) for f in x]
+        layout = pack_layout(sizes)
+        key = (tuple(sizes), x[0].device)
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) >= 64:  # image sizes vary (e.g. COCO aspect ratios): keep a bounded cache
+                self._masks.clear()
+            mask = self._masks[key] = pack_mask(sizes, layout, x[0].device)
+        canvas = pack_levels(x, layout)
+        if moe.forced_expert is not None:
+            run = [moe.forced_expert]
+        else:
+            run = [e for e in range(moe.num_experts) if e not in moe.disabled]
+        outs = torch.stack([moe.experts[e](canvas, mask) for e in run])  # E×B×(A·K)×H×W
+        ys = []
+        for f, wt, (t, l) in zip(x, weights, layout[2]):
+            region = outs[..., t:t + f.shape[-2], l:l + f.shape[-1]]
+            wt = wt[:, run].movedim(1, 0).to(outs.dtype)  # E×B (per level) or E×B×h×w (per anchor)
+            wt = wt[:, :, None, None, None] if wt.dim() == 2 else wt.unsqueeze(2)
+            ys.append(_to_anchor_layout((region * wt).sum(0), self.per_anchor))
+        return torch.cat(ys, dim=1)
 
     def aux_loss(self) -> Tensor:
         """Mean over FPN levels of each level's weighted balancing losses (0 when there are none)."""
@@ -186,6 +282,7 @@ class MoEClassificationHead(_MoEHeadMixin, RetinaNetClassificationHead):
         prior_probability: float = 0.01,
         norm_layer=None,
         num_convs: int = 4,
+        packed: Optional[bool] = None,
         **moe_kwargs,
     ) -> None:
         nn.Module.__init__(self)
@@ -202,7 +299,7 @@ class MoEClassificationHead(_MoEHeadMixin, RetinaNetClassificationHead):
             norm_layer=norm_layer,
             num_convs=num_convs,
         )
-        self._init_moe(tower, num_experts, k, routing, gate, moe_kwargs)
+        self._init_moe(tower, num_experts, k, routing, gate, moe_kwargs, packed)
 
     def forward(self, x):  # type: ignore[override]
         return self._moe_forward(x)
@@ -221,6 +318,7 @@ class MoERegressionHead(_MoEHeadMixin, RetinaNetRegressionHead):
         gate="relu_gap_fc",
         norm_layer=None,
         num_convs: int = 4,
+        packed: Optional[bool] = None,
         **moe_kwargs,
     ) -> None:
         nn.Module.__init__(self)
@@ -231,7 +329,7 @@ class MoERegressionHead(_MoEHeadMixin, RetinaNetRegressionHead):
         tower = dict(
             in_channels=in_channels, num_anchors=num_anchors, out_per_anchor=4, norm_layer=norm_layer, num_convs=num_convs
         )
-        self._init_moe(tower, num_experts, k, routing, gate, moe_kwargs)
+        self._init_moe(tower, num_experts, k, routing, gate, moe_kwargs, packed)
 
     def forward(self, x):  # type: ignore[override]
         return self._moe_forward(x)
@@ -252,6 +350,7 @@ class MoERetinaNetHead(RetinaNetHead):
         gate="relu_gap_fc",
         norm_layer=None,
         num_convs: int = 4,
+        packed: Optional[bool] = None,
         **moe_kwargs,
     ) -> None:
         nn.Module.__init__(self)
@@ -259,7 +358,7 @@ class MoERetinaNetHead(RetinaNetHead):
             raise ValueError(f"moe_heads must be 'both', 'cls', 'reg' or 'none', got '{moe_heads}'")
         kw = dict(
             num_experts=num_experts, k=k, routing=routing, gate=gate, norm_layer=norm_layer, num_convs=num_convs,
-            **moe_kwargs,
+            packed=packed, **moe_kwargs,
         )
         if moe_heads in ("both", "cls"):
             self.classification_head = MoEClassificationHead(in_channels, num_anchors, num_classes, **kw)
@@ -598,6 +697,7 @@ def build_retinanet(
     fpn_channels: int = 256,
     head_convs: int = 4,
     stacked: Optional[bool] = None,
+    packed: Optional[bool] = None,
     expert_noise: float = 0.01,
     attribution_head: str = "auto",
     score_thresh: float = 0.05,
@@ -630,7 +730,13 @@ def build_retinanet(
         fpn_channels, head_convs: FPN width (256) and convs per head tower (4); smaller values only for
             quick tests (dense heads then keep torchvision's 4 convs).
         stacked: run each MoE head's experts as one channel-stacked grouped network (see
-            :class:`moecnn.layers.StackedExperts`): the kernel launches of one head per FPN level.
+            :class:`moecnn.layers.StackedExperts`): the kernel launches of one head per FPN level (per-level
+            execution only).
+        packed: run each expert once on all FPN levels packed into one map (:func:`pack_levels`) instead of
+            once per level (the same function, far fewer kernel launches; every expert then runs on every
+            image). ``None`` (default): packed whenever the towers have no normalisation (``head_norm='none'``)
+            and neither ``stacked`` nor ``capacity_factor`` is set; else per level with the MoE layer's
+            execution.
     """
     if arch not in ("resnet50", "resnet18"):
         raise ValueError(f"arch must be 'resnet50' or 'resnet18', got '{arch}'")
@@ -685,6 +791,7 @@ def build_retinanet(
         gate=gate,
         norm_layer=head_norm_layer,
         num_convs=head_convs,
+        packed=packed,
         **(moe_kwargs if moe_heads != "none" else {}),
     )
     model = MoERetinaNet(

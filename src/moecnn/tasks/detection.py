@@ -101,11 +101,11 @@ class _DeviceBatches:
 
 
 _DETECTOR_KEYS = ("num_experts", "k", "moe_heads", "routing", "gate", "balance", "balance_weight", "threshold",
-                  "decay", "noisy", "capacity_factor", "stacked", "weights", "weights_backbone", "freeze_backbone",
+                  "decay", "noisy", "capacity_factor", "stacked", "packed", "weights", "weights_backbone", "freeze_backbone",
                   "trainable_backbone_layers", "min_size", "max_size", "anchor_sizes", "head_norm", "fpn_channels",
                   "head_convs", "score_thresh", "detections_per_img")
 _MOE_KEYS = ("num_experts", "k", "routing", "gate", "balance", "balance_weight", "threshold", "decay", "noisy",
-             "capacity_factor", "stacked")
+             "capacity_factor", "stacked", "packed")
 
 
 @TASKS.register("detection")
