@@ -238,12 +238,15 @@ class _MoEHeadMixin:
         self.level_records = records
         sizes = [tuple(f.shape[-2:]) for f in x]
         layout = pack_layout(sizes)
-        key = (tuple(sizes), x[0].device)
+        dev = x[0].device
+        # the mask in the towers' compute dtype (autocast's, else the features'), cached per level sizes
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x[0].dtype
+        key = (tuple(sizes), dev, dtype)
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) >= 64:  # image sizes vary (e.g. COCO aspect ratios): keep a bounded cache
                 self._masks.clear()
-            mask = self._masks[key] = pack_mask(sizes, layout, x[0].device)
+            mask = self._masks[key] = pack_mask(sizes, layout, dev, dtype)
         canvas = pack_levels(x, layout)
         if moe.forced_expert is not None:
             run = [moe.forced_expert]
@@ -253,7 +256,9 @@ class _MoEHeadMixin:
         ys = []
         for f, wt, (t, l) in zip(x, weights, layout[2]):
             region = outs[..., t:t + f.shape[-2], l:l + f.shape[-1]]
-            wt = wt[:, run].movedim(1, 0).to(outs.dtype)  # E×B (per level) or E×B×h×w (per anchor)
+            if len(run) < moe.num_experts:
+                wt = wt[:, run]
+            wt = wt.movedim(1, 0).to(outs.dtype)  # E×B (per level) or E×B×h×w (per anchor)
             wt = wt[:, :, None, None, None] if wt.dim() == 2 else wt.unsqueeze(2)
             ys.append(_to_anchor_layout((region * wt).sum(0), self.per_anchor))
         return torch.cat(ys, dim=1)
