@@ -36,8 +36,8 @@ def _check(compiled, layer, ref, x):
 
 
 @needs_cc
-@pytest.mark.parametrize("stacked", [False, True])
-def test_capacity_dispatch_compiles_fullgraph_and_matches_exact(stacked):
+@pytest.mark.parametrize("stacked,channels_last", [(False, False), (True, False), (True, True)])
+def test_capacity_dispatch_compiles_fullgraph_and_matches_exact(stacked, channels_last):
     """Training-mode capacity dispatch (nothing dropped) as one graph, list or stacked experts, BatchNorm
     statistics masked to the routed slots; an idle expert's statistics do not move."""
     experts = _experts()
@@ -49,6 +49,8 @@ def test_capacity_dispatch_compiles_fullgraph_and_matches_exact(stacked):
             m.gate.load_state_dict(layer.gate.state_dict())
             m.gate.fc.bias[2] -= 100.0  # expert 2 idle
     x = torch.randn(8, 4, 5, 5)
+    if channels_last:  # the layout of the compiled recipe (masked statistics: two per-channel reductions)
+        x = x.contiguous(memory_format=torch.channels_last)
     layer(x)  # the one-off checks run eagerly; then reset the statistics to the reference's
     layer.load_state_dict(ref.state_dict())
     compiled = torch.compile(layer, fullgraph=True)  # raises on any graph break or data-dependent shape
