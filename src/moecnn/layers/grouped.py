@@ -67,8 +67,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
     """y = (x - mean)·invstd·w + b with per-channel statistics over the real rows only (``m``: float R × G).
 
     Forward: one pass over x for per-row statistics, combined over the real rows with Chan et al.'s pairwise
-    formula (stable) — under ``torch.compile`` two masked per-channel reductions instead (mean, then squared
-    deviations; also stable) — then the normalisation as an inference-mode ``F.batch_norm`` (one kernel). Backward
+    formula (stable), then the normalisation as an inference-mode ``F.batch_norm`` (one kernel). Backward
     (the statistics depend on the real rows only; the sums run over all rows, whose gradient is zero on
     padding rows anyway): dx = w·invstd·(dy − m·(Σdy + x̂·Σdy·x̂)/n), dw = Σdy·x̂, db = Σdy.
     """
@@ -79,26 +78,15 @@ class _MaskedBatchNorm(torch.autograd.Function):
         g = m.shape[1]
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         sp = tuple(range(2, x.dim()))
-        cnt = m.sum(0)  # real rows per group
-        if sp and torch.compiler.is_compiling():
-            # compiled: two masked reductions over rows and positions per channel (mean, then the squared
-            # deviations), which inductor fuses with the cast and the mask like a native batch norm's; the
-            # per-row statistics below become a slow strided reduction there on channels_last maps
-            xv = xf.unflatten(1, (g, -1))
-            mb = m.view(r, g, 1, *(1,) * len(sp))
-            red = (0,) + tuple(range(3, 3 + len(sp)))
-            n = (cnt.clamp_min(1) * math.prod(x.shape[2:])).unsqueeze(1)
-            mean = (xv * mb).sum(red) / n  # G × C
-            var = ((xv - mean.view(1, g, -1, *(1,) * len(sp))).square() * mb).sum(red) / n
+        if sp:
+            var_r, mu_r = torch.var_mean(xf, dim=sp, correction=0)
         else:
-            if sp:
-                var_r, mu_r = torch.var_mean(xf, dim=sp, correction=0)
-            else:
-                var_r, mu_r = torch.zeros_like(xf), xf
-            wr = (m / cnt.clamp_min(1)).unsqueeze(2)  # R × G × 1
-            mu_r, var_r = mu_r.view(r, g, -1), var_r.view(r, g, -1)
-            mean = (wr * mu_r).sum(0)  # G × C
-            var = (wr * (var_r + (mu_r - mean).square())).sum(0)
+            var_r, mu_r = torch.zeros_like(xf), xf
+        cnt = m.sum(0)  # real rows per group
+        wr = (m / cnt.clamp_min(1)).unsqueeze(2)  # R × G × 1
+        mu_r, var_r = mu_r.view(r, g, -1), var_r.view(r, g, -1)
+        mean = (wr * mu_r).sum(0)  # G × C
+        var = (wr * (var_r + (mu_r - mean).square())).sum(0)
         var = torch.where((cnt > 0).unsqueeze(1), var, 1.0).reshape(ct)  # idle group: padding only, kept finite
         mean = mean.reshape(ct)
         st = weight.dtype if weight is not None else x.dtype
