@@ -313,3 +313,8 @@ def test_packed_channels_last_and_refusals():
         create_model("retinanet_resnet18_fpn_moe", head_norm="gn", packed=True, **SMALL)
     gn = create_model("retinanet_resnet18_fpn_moe", head_norm="gn", **SMALL)
     assert not gn.head.classification_head.packed and not gn.head.regression_head.packed
+    # packed heads run every expert each step: data-parallel training needs no search for unused parameters
+    assert not a.head.classification_head.moe.skips_idle_experts
+    assert b.head.classification_head.moe.skips_idle_experts and gn.head.regression_head.moe.skips_idle_experts
+    a.head.classification_head.moe.set_controls(disabled=[0])
+    assert a.head.classification_head.moe.skips_idle_experts

@@ -262,6 +262,8 @@ class MoE(nn.Module):
         self._shape_checked = False
         self._padding: Optional[bool] = None  # padded execution proven exact on the first forward
         self._engines: Dict[tuple, str] = {}  # auto: input key -> "stacked" | "experts"
+        # set by a caller that routes with route() and runs every expert itself (the packed detection heads)
+        self.runs_every_expert = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -279,6 +281,8 @@ class MoE(nn.Module):
     def skips_idle_experts(self) -> bool:
         """True when a training step may leave an expert without gradient (per-expert execution does not run
         an expert that got no image): data-parallel training then needs ``find_unused_parameters=True``."""
+        if self.runs_every_expert and not self.disabled and self.forced_expert is None:
+            return False
         return not (self.stacked is True or self.capacity_factor is not None)
 
     @property

@@ -209,6 +209,7 @@ class _MoEHeadMixin:
                              "group norm over the packed map would mix the FPN levels; use packed=None or False")
         forced = moe_kwargs.get("stacked") is not None or moe_kwargs.get("capacity_factor") is not None
         self.packed = (packable and not forced) if packed is None else bool(packed)
+        self.moe.runs_every_expert = self.packed  # every expert gets a gradient each step (DDP needs no unused search)
         self._masks: Dict[tuple, Tensor] = {}
 
     def _moe_forward(self, x: Sequence[Tensor]) -> Tensor:
