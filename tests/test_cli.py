@@ -166,6 +166,9 @@ def test_detection_config_errors_and_legacy_keys(capsys, tmp_path):
     moecnn 0.1 (detection keys of its own loop) is read in today's keys."""
     one_error(capsys, ["train", "--config", "detection_shapes", "optim.lrr=1"], "unknown config key 'optim.lrr'")
     one_error(capsys, ["train", "--config", "detection_shapes", "model.routing=pixel"], "model.routing must be")
+    one_error(capsys, ["train", "--config", "detection_shapes", "--out", str(tmp_path / "p"), "model.packed=true"],
+              "model.packed=true needs head towers without normalisation")
+    assert not (tmp_path / "p").exists()
     one_error(capsys, ["eval", str(tmp_path), "--batch-size", "0"], "--batch-size must be >= 1, got 0")
     one_error(capsys, ["eval", str(tmp_path), "--batch-size", "-5"], "--batch-size must be >= 1, got -5")
     old = tmp_path / "old.yaml"

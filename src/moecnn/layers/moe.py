@@ -349,8 +349,9 @@ class MoE(nn.Module):
         heads run every expert once on all FPN levels packed into one map).
 
         Returns the gate weights, dense over the experts: B×N (per-image gates) or B×N×H×W (spatial gates),
-        zero where an expert is not chosen, each unit's weights summing to 1; ``self.record`` is set exactly as
-        :meth:`forward` sets it (auxiliary losses and hard-constraint updates included). The caller must give
+        zero where an expert is not chosen, each unit's weights summing to 1; ``self.record`` is set as
+        :meth:`forward` sets it (auxiliary losses and hard-constraint updates included; ``dropped`` is None, as
+        nothing is dispatched). The caller must give
         each chosen expert's output on the unit that weight, and nothing else, for this to be the layer's
         function."""
         r = self._route(x)

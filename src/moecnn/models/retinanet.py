@@ -110,6 +110,16 @@ class HeadTower(nn.Module):
         return _to_anchor_layout(y, self.out_per_anchor) if self.flatten else y
 
 
+def check_packed(packed: Optional[bool], packable: bool, execution_set: bool) -> None:
+    """One-line refusals of ``packed=True`` where it cannot apply (also used when a config is validated)."""
+    if packed and not packable:
+        raise ValueError("packed=True needs head towers without normalisation layers (head_norm='none'): a "
+                         "group norm over the packed map would mix the FPN levels; use packed=null or false")
+    if packed and execution_set:
+        raise ValueError("packed=True runs every expert on the packed map, so stacked/capacity_factor (per-level "
+                         "execution) would be ignored; unset them or set packed=false")
+
+
 def pack_layout(sizes: Sequence[Sequence[int]]) -> tuple:
     """Where FPN levels of sizes [(h, w), ...] go in one map: the first at the top left, the others stacked
     top to bottom in a column to its right, one zero row or column between any two.
@@ -204,13 +214,20 @@ class _MoEHeadMixin:
         self.per_anchor = tower_kwargs["out_per_anchor"]
         self.level_records: List[RoutingRecord] = []
         packable = experts[0].packable
-        if packed and not packable:
-            raise ValueError("packed=True needs head towers without normalisation layers (head_norm='none'): a "
-                             "group norm over the packed map would mix the FPN levels; use packed=None or False")
         forced = moe_kwargs.get("stacked") is not None or moe_kwargs.get("capacity_factor") is not None
-        self.packed = (packable and not forced) if packed is None else bool(packed)
-        self.moe.runs_every_expert = self.packed  # every expert gets a gradient each step (DDP needs no unused search)
+        check_packed(packed, packable, forced)
         self._masks: Dict[tuple, Tensor] = {}
+        self.packed = (packable and not forced) if packed is None else bool(packed)
+
+    @property
+    def packed(self) -> bool:
+        """Each expert runs once on all FPN levels packed into one map (else one MoE call per level)."""
+        return self._packed
+
+    @packed.setter
+    def packed(self, value: bool) -> None:
+        self._packed = bool(value)
+        self.moe.runs_every_expert = self._packed  # every expert gets a gradient each step (DDP: no unused search)
 
     def _moe_forward(self, x: Sequence[Tensor]) -> Tensor:
         if self.packed:
@@ -230,7 +247,9 @@ class _MoEHeadMixin:
         levels packed into one map (:func:`pack_levels`) and mix each level's outputs with its gate weights:
         the function of the per-level path, with the kernel launches of one tower call per expert instead of
         one per expert and level. Every enabled expert runs on every image (a weight of 0 where it is not
-        chosen), so all experts get a gradient each step."""
+        chosen): as with stacked or capacity execution of an MoE layer, an expert that no unit chose in a step
+        gets a zero gradient rather than none (an optimiser's weight decay and momentum then still move it), and
+        all experts' activations are kept for the backward pass (N/k times the per-level path's)."""
         moe = self.moe
         weights, records = [], []
         for features in x:
@@ -247,7 +266,8 @@ class _MoEHeadMixin:
         if mask is None:
             if len(self._masks) >= 64:  # image sizes vary (e.g. COCO aspect ratios): keep a bounded cache
                 self._masks.clear()
-            mask = self._masks[key] = pack_mask(sizes, layout, dev, dtype)
+            with torch.inference_mode(False):  # a normal tensor even when built under inference_mode: training
+                mask = self._masks[key] = pack_mask(sizes, layout, dev, dtype)  # may reuse it
         canvas = pack_levels(x, layout)
         if moe.forced_expert is not None:
             run = [moe.forced_expert]

@@ -130,6 +130,13 @@ class Detection(Task):
             raise ValueError(f"model.routing must be level or anchor, got '{m.routing}'")
         if (m.moe_heads != "none" and not m.name.endswith("_fpn")) or m.targets:
             check_moe(m)
+        if m.moe_heads != "none" and not m.name.endswith("_fpn"):
+            from ..models.retinanet import check_packed
+
+            try:
+                check_packed(m.packed, m.head_norm == "none", m.stacked is not None or m.capacity_factor is not None)
+            except ValueError as e:
+                raise ValueError(f"model.{e}".replace("packed=True", "packed=true")) from None
         if not 0 <= d.hflip <= 1:
             raise ValueError(f"data.hflip must be a probability in [0, 1], got {d.hflip}")
 
