@@ -1,5 +1,10 @@
-"""What the benchmark scripts share: device setup, distinct random batches and GPU kernel time per step."""
+"""What the benchmark scripts share: device setup, distinct random batches, step timing, GPU kernel time per
+step and writing the results."""
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import torch
 
@@ -33,3 +38,28 @@ def kernel_ms(step, sync, steps: int) -> float:
     total_us = sum(e.self_device_time_total for e in prof.key_averages()
                    if str(getattr(e, "device_type", "")).endswith("CUDA"))
     return total_us / 1e3 / steps
+
+
+def time_steps(step, sync, warmup: int, steps: int):
+    """(warm-up seconds, ms per step, the last step's return value): ``warmup`` calls of ``step``, then ``steps``
+    timed calls, each phase closed by ``sync``."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = step()
+    sync()
+    return warm_s, (time.perf_counter() - t0) * 1e3 / steps, out
+
+
+def write_results(results: dict, table: list, out) -> None:
+    """Print the markdown ``table``, keep it in ``results`` and write ``results`` as JSON to ``out`` (if given)."""
+    print("\n" + "\n".join(table))
+    results["table"] = table
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import moecnn
-from _timing import device_setup, kernel_ms, random_batches
+from _timing import device_setup, kernel_ms, random_batches, time_steps, write_results
 
 MODELS = {  # name: (library, constructor name, two blocks to moeify)
     "resnet50": ("torchvision", "resnet50", ["layer3.1", "layer4.1"]),
@@ -100,16 +97,7 @@ def main() -> None:
                     loss.backward()
                     opt.step()
 
-                t0 = time.perf_counter()
-                for _ in range(args.warmup):
-                    step()
-                sync()
-                row["warmup_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                sync()
-                row["ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+                row["warmup_s"], row["ms"], _ = time_steps(step, sync, args.warmup, args.steps)
                 row["kernel_ms"] = kernel_ms(step, sync, min(5, args.steps)) if cuda else None
                 row["executions"] = {n: m.executions for n, m in layers.items()}
                 row["static_shapes"] = all(m.static_shapes for m in layers.values())
@@ -139,11 +127,7 @@ def main() -> None:
             else:
                 cells.append(f"{r['ms']:.0f} ms" + (f" ({r['kernel_ms']:.0f} ms GPU)" if r.get("kernel_ms") else ""))
         table.append(f"| {mname} | " + " | ".join(cells) + " |")
-    print("\n" + "\n".join(table))
-    results["table"] = table
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(results, table, args.out)
 
 
 if __name__ == "__main__":

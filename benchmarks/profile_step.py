@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _timing import device_setup, kernel_ms, random_batches
+from _timing import device_setup, kernel_ms, random_batches, time_steps, write_results
 from moecnn import aux_loss, moe_layers
 from moecnn.models import create_model
 
@@ -128,16 +125,7 @@ def main() -> None:
         step = make_step(run, opt, batches, labels, dev)
         row = {"group": group, "compile": mode, "cudnn_benchmark": bench}
         try:
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                step()
-            sync()
-            row["warmup_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            sync()
-            row["ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+            row["warmup_s"], row["ms"], loss = time_steps(step, sync, args.warmup, args.steps)
             row["loss"] = float(loss)
             row["kernel_ms"] = kernel_ms(step, sync, min(10, args.steps)) if cuda else None
             layers = moe_layers(model)
@@ -172,11 +160,7 @@ def main() -> None:
         kern = f"{row['kernel_ms']:.2f}" if row["kernel_ms"] is not None else "-"
         table.append(f"| {row['group']} | {name} | {row['ms']:.2f} | {ratio('ms')} | {kern} | {ratio('kernel_ms')} | "
                      f"{row['gflop']:.1f} | {row['gflop_useful']:.1f} | {ratio('gflop_useful')} |")
-    print("\n" + "\n".join(table))
-    results["table"] = table
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(results, table, args.out)
 
 
 if __name__ == "__main__":
