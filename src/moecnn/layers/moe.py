@@ -74,10 +74,14 @@ class _Routing:
     idx: torch.Tensor
     w: torch.Tensor
     idx_out: torch.Tensor
-    spatial: bool
     aux: Dict[str, torch.Tensor]
     aux_raw: Dict[str, torch.Tensor]
     hard_mask: Optional[torch.Tensor]
+
+    @property
+    def spatial(self) -> bool:
+        """Per-pixel routing (a spatial gate's B×N×H×W logits)."""
+        return self.logits.dim() == 4
 
 
 def _first_in_channels(module: nn.Module) -> Optional[int]:
@@ -434,7 +438,7 @@ class MoE(nn.Module):
             idx_out = idx.view(x.shape[0], *logits.shape[2:], idx.shape[1])
         else:
             weights_out, idx_out = weights_tok, idx
-        return _Routing(logits, weights_out, idx, w, idx_out, spatial, aux, aux_raw, hard_mask)
+        return _Routing(logits, weights_out, idx, w, idx_out, aux, aux_raw, hard_mask)
 
     # ------------------------------------------------------------------ execution
     def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, engine: Optional[str] = None):

@@ -142,11 +142,7 @@ def pack_layout(sizes: Sequence[Sequence[int]]) -> tuple:
 
 def pack_mask(sizes: Sequence[Sequence[int]], layout: tuple, device, dtype=torch.float32) -> Tensor:
     """1×1×H×W: 1 on the levels' cells of :func:`pack_layout`, 0 elsewhere."""
-    height, width, pos = layout
-    mask = torch.zeros(1, 1, height, width, device=device, dtype=dtype)
-    for (h, w), (t, l) in zip(sizes, pos):
-        mask[..., t:t + h, l:l + w] = 1
-    return mask
+    return pack_levels([torch.ones(1, 1, h, w, device=device, dtype=dtype) for h, w in sizes], layout)
 
 
 def pack_levels(xs: Sequence[Tensor], layout: tuple) -> Tensor:
