@@ -144,6 +144,36 @@ def test_masked_batch_norm_gradcheck_with_idle_group():
     assert torch.equal(rv[4:], torch.ones(2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gather_rows_backward_is_the_scatter_add_of_index_select(dtype):
+    """Both gathers of the dispatch: images -> buffer rows (an image read by up to k rows; padding rows read
+    image 0 and are left out of its gradient) and buffer rows -> slots (a row read once; padding rows none)."""
+    from moecnn.layers.rows import gather_rows
+
+    torch.manual_seed(0)
+    b, k, total = 5, 2, 14
+    row = torch.randperm(total)[: b * k]  # slot i*k+j sits in buffer row row[i*k+j]
+    src = torch.zeros(total, dtype=torch.long)
+    src[row] = torch.arange(b * k) // k
+    real = torch.zeros(total, dtype=torch.bool)
+    real[row] = True
+    slot = torch.zeros(total, dtype=torch.long)
+    slot[row] = torch.arange(b * k)
+    x = torch.randn(b, 3, 2, 2, dtype=dtype, requires_grad=True)
+    xb = gather_rows(x, src, row.view(b, k), torch.ones(b, k, dtype=torch.bool))
+    g = torch.randn(total, 3, 2, 2, dtype=dtype) * real.view(-1, 1, 1, 1)  # padding rows: no gradient
+    (gx,) = torch.autograd.grad(xb, x, g)
+    ref = torch.zeros(b, 3, 2, 2, dtype=torch.float64).index_add_(0, src, g.double())
+    torch.testing.assert_close(gx, ref.to(dtype))  # summed in float32 for bf16, rounded once
+    assert torch.equal(xb, x.index_select(0, src))
+    ob = torch.randn(total, 3, dtype=dtype, requires_grad=True)
+    ys = gather_rows(ob, row, slot.view(-1, 1), real.view(-1, 1))
+    gy = torch.randn(b * k, 3, dtype=dtype)
+    (gob,) = torch.autograd.grad(ys, ob, gy)
+    assert torch.equal(gob, torch.zeros(total, 3, dtype=dtype).index_add_(0, row, gy))
+    assert torch.equal(gob[~real], torch.zeros_like(gob[~real]))
+
+
 @pytest.mark.parametrize("mode", ["default", "stacked", "capacity-experts"])
 def test_gradcheck_float64_layer(mode):
     torch.manual_seed(0)

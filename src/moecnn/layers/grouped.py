@@ -10,7 +10,8 @@ Inside :class:`ExpertContext` (a ``TorchFunctionMode``, so it works for any modu
   Padding rows never influence a real row, so the real rows get exactly what exact dispatch gives them.
 - **Channel groups** (``groups = N``, channel-stacked experts): the input holds expert e's channels in block e
   and every parameter is the concatenation of the N experts' tensors along its channel dimension. Functions
-  that would mix blocks are rewritten per block: convolutions get N times the groups, ``F.linear`` over the
+  that would mix blocks are rewritten per block: convolutions get N times the groups (a 1×1 convolution becomes
+  one batched matrix product), ``F.linear`` over the
   last dimension becomes block-diagonal (one matrix per expert), ``F.layer_norm`` normalises each block,
   ``F.group_norm`` uses N times the groups. Channel-wise functions need nothing.
 
@@ -167,6 +168,26 @@ def _grouped_layer_norm(x, c: int, w, b, eps, g: int):
     return y.flatten(-2)
 
 
+def _pointwise(x, w, padding) -> bool:
+    """A batched 1×1 convolution without padding."""
+    pad = (padding,) * 2 if isinstance(padding, int) else padding
+    return x.dim() == 4 and w.shape[-2:] == (1, 1) and (pad in ("valid", "same") or tuple(pad) == (0, 0))
+
+
+def _grouped_pointwise(x, w, b, stride, g: int):
+    """A 1×1 convolution with ``g`` groups as one batched matrix product (cuDNN runs grouped convolutions
+    group by group, with a slicing and a layout transform around each)."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    if (sh, sw) != (1, 1):
+        x = x[:, :, ::sh, ::sw]
+    co, ci = w.shape[0] // g, w.shape[1]
+    y = torch.einsum("bgchw,goc->bgohw", x.unflatten(1, (g, ci)), w.view(g, co, ci)).flatten(1, 2)
+    if b is not None:
+        y = y + b.to(y.dtype).view(1, -1, 1, 1)
+    return y.contiguous(memory_format=torch.channels_last) if cl else y
+
+
 _CONV = {F.conv1d, F.conv2d, F.conv3d}
 _CONVT = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
@@ -202,6 +223,8 @@ class ExpertContext(TorchFunctionMode):
         if g > 1:
             if func in _CONV:
                 x, w, b, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+                if func is F.conv2d and groups == 1 and _pointwise(x, w, padding):
+                    return _grouped_pointwise(x, w, b, stride, g)
                 return func(x, w, b, stride, padding, dilation, groups * g)
             if func in _CONVT:
                 x, w, b, stride, padding, out_pad, groups, dilation = _convt_args(*args, **kwargs)

@@ -23,6 +23,7 @@ from ..registry import CONSTRAINTS, LOSSES
 from .balance import HardConstraint, RoutingStats, build_constraint
 from .gates import build_gate
 from .grouped import ExpertContext
+from .rows import gather_rows
 from .stacked import StackedExperts, _close, _random_leaf
 
 
@@ -443,7 +444,7 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ execution
     def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, engine: Optional[str] = None):
         """Sort the B·k (image, expert) slots by expert, gather each expert's images into its buffer, run the
-        experts (per expert or channel-stacked), scatter the outputs back and mix them with the gate weights."""
+        experts (per expert or channel-stacked), gather the outputs back and mix them with the gate weights."""
         b, kk = idx.shape
         n = self.num_experts
         t = b * kk
@@ -451,7 +452,6 @@ class MoE(nn.Module):
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         sorted_e = flat_e.index_select(0, order)
-        img = torch.div(order, kk, rounding_mode="floor")
         # static-size count (bincount's output size is data-dependent, which breaks fullgraph compiles)
         counts = torch.zeros(n, dtype=torch.long, device=dev).scatter_add_(0, flat_e, torch.ones_like(flat_e))
         starts = torch.cumsum(counts, 0) - counts
@@ -483,18 +483,27 @@ class MoE(nn.Module):
                 offs.append(offs[-1] + c)
             total = offs[-1]
             base = torch.tensor(offs[:-1], device=dev)
+        # every slot's buffer row in image-major order (slot i·k + j: image i's j-th choice) and, for every
+        # buffer row, the slot it holds: both directions of the two gathers below, so that their backward
+        # passes are gathers too (no scatter-add)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(t, device=dev)
         keep = None
         if static:
             keep = pos < caps[0]
-            dst = base.index_select(0, sorted_e) + pos.clamp_max(caps[0] - 1)
-            src = torch.zeros(total + 1, dtype=torch.long, device=dev)
-            src.scatter_(0, torch.where(keep, dst, total), img)  # dropped slots land on the extra last row
-            src = src[:total]
+            row = (base.index_select(0, sorted_e) + pos.clamp_max(caps[0] - 1)).index_select(0, inv)
+            kept = keep.index_select(0, inv)
+            at = torch.where(kept, row, total)  # dropped slots land on the extra last row
         else:
-            dst = base.index_select(0, sorted_e) + pos
-            src = torch.zeros(total, dtype=torch.long, device=dev).scatter_(0, dst, img)  # padding rows: image 0
+            row = (base.index_select(0, sorted_e) + pos).index_select(0, inv)
+            kept = torch.ones(t, dtype=torch.bool, device=dev)
+            at = row
+        slot = torch.zeros(total + 1, dtype=torch.long, device=dev).scatter_(0, at, torch.arange(t, device=dev))
+        real = torch.zeros(total + 1, dtype=torch.bool, device=dev).scatter_(0, at, True)
+        slot, real = slot[:total], real[:total]
+        src = torch.div(slot, kk, rounding_mode="floor")  # image of every row; padding rows: image 0
         cl = _channels_last(x)
-        xb = x.index_select(0, src)
+        xb = gather_rows(x, src, row.view(b, kk), kept.view(b, kk))  # padding rows get no gradient
         if cl:
             xb = xb.contiguous(memory_format=torch.channels_last)
         if engine == "stacked":
@@ -505,16 +514,13 @@ class MoE(nn.Module):
             ob = self.experts(xb, valid)
         else:
             ob = self._run_each(xb, caps, counts, sizes)
-        ys = ob.index_select(0, dst)
+        ys = gather_rows(ob, row, slot.view(-1, 1), real.view(-1, 1))  # b·k rows, image-major
         dropped = None
+        ws = w.reshape(-1).to(ys.dtype)
         if static:
-            ys = ys * keep.view(-1, *[1] * (ys.dim() - 1)).to(ys.dtype)
+            ws = ws * kept.to(ys.dtype)
             dropped = 1.0 - keep.float().mean()
-        ws = w.reshape(-1).index_select(0, order).to(ys.dtype)
-        ys = ys * ws.view(-1, *[1] * (ys.dim() - 1))
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)
-        y = ys.index_select(0, inv).view(b, kk, *ys.shape[1:]).sum(1)
+        y = (ys * ws.view(-1, *[1] * (ys.dim() - 1))).view(b, kk, *ys.shape[1:]).sum(1)
         if cl and y.dim() == 4:
             y = y.contiguous(memory_format=torch.channels_last)
         return y, dropped
