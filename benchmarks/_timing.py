@@ -56,6 +56,24 @@ def time_steps(step, sync, warmup: int, steps: int):
     return warm_s, (time.perf_counter() - t0) * 1e3 / steps, out
 
 
+def step_times(step, sync, warmup: int, steps: int):
+    """(warm-up seconds, ms of each of ``steps`` timed calls): like :func:`time_steps`, but every call is
+    synchronised and timed on its own, so a median can leave out the rare slow step (e.g. the first step that
+    meets a new buffer shape, when cuDNN autotunes it)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return warm_s, out
+
+
 def write_results(results: dict, table: list, out) -> None:
     """Print the markdown ``table``, keep it in ``results`` and write ``results`` as JSON to ``out`` (if given)."""
     print("\n" + "\n".join(table))
