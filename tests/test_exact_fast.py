@@ -111,12 +111,18 @@ def test_dropped_slots_are_in_no_statistic(stacked):
     with torch.no_grad():
         layer.gate.fc.weight.zero_()
         layer.gate.fc.bias.copy_(torch.tensor([5.0, -5.0]))  # everything to expert 0: capacity 2 of 8
-    x = torch.randn(8, C, 6, 6)
+    x = torch.randn(8, C, 6, 6, requires_grad=True)
     y = layer(x)
     assert float(layer.record.dropped) == pytest.approx(0.75)
-    yr = ref(x[:2])
+    xr = x.detach()[:2].clone().requires_grad_(True)
+    yr = ref(xr)
     torch.testing.assert_close(y[:2], yr, atol=1e-5, rtol=1e-5)
     assert (y[2:] == 0).all()
+    g = torch.randn_like(y)
+    y.backward(g)
+    (yr * g[:2] * layer.record.weights[:2, :1, None, None]).sum().backward()
+    assert (x.grad[2:] == 0).all()  # a dropped image's slot shares a buffer row with a kept one: no gradient
+    torch.testing.assert_close(x.grad[:2], xr.grad, atol=1e-5, rtol=1e-4)
     bn, bn_ref = layer.experts[0][1], ref[1]
     torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
     torch.testing.assert_close(bn.running_var, bn_ref.running_var)
@@ -174,14 +180,45 @@ def test_gather_rows_backward_is_the_scatter_add_of_index_select(dtype):
     assert torch.equal(gob[~real], torch.zeros_like(gob[~real]))
 
 
-@pytest.mark.parametrize("mode", ["default", "stacked", "capacity-experts"])
+@pytest.mark.parametrize("mode", ["default", "stacked", "capacity-experts", "dropping-experts", "dropping-stacked"])
 def test_gradcheck_float64_layer(mode):
     torch.manual_seed(0)
-    layer = moecnn.MoE([expert("bn", width=3) for _ in range(3)], k=2, noisy=False, **MODES[mode]).double().train()
+    kw = {"dropping-experts": dict(stacked=False, capacity_factor=0.5),
+          "dropping-stacked": dict(stacked=True, capacity_factor=0.5)}.get(mode) or MODES[mode]
+    layer = moecnn.MoE([expert("bn", width=3) for _ in range(3)], k=2, noisy=False, **kw).double().train()
     x = torch.randn(6, C, 3, 3, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     assert y.dtype == torch.float64 and layer.record.weights.dtype == torch.float64
+    if mode.startswith("dropping"):
+        assert float(layer.record.dropped) > 0
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_torch_func_transforms_through_the_layer():
+    """torch.func.grad equals autograd; forward-mode AD (jvp) equals a central difference."""
+    from torch.func import functional_call, grad, jvp
+
+    torch.manual_seed(0)
+    layer = moecnn.MoE([expert("none", width=3) for _ in range(3)], k=2, noisy=False, stacked=False).double()
+    x = torch.randn(5, C, 4, 4, dtype=torch.float64)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).square().sum()
+
+    gp, gx = grad(loss, argnums=(0, 1))(params, x)
+    xr = x.clone().requires_grad_(True)
+    layer.zero_grad()
+    layer(xr).square().sum().backward()
+    torch.testing.assert_close(gx, xr.grad)
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(gp[n], p.grad if p.grad is not None else torch.zeros_like(p), msg=n)
+    v = torch.randn_like(x)
+    _, tangent = jvp(lambda x: layer(x), (x,), (v,))
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (layer(x + eps * v) - layer(x - eps * v)) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

@@ -10,8 +10,8 @@ Inside :class:`ExpertContext` (a ``TorchFunctionMode``, so it works for any modu
   Padding rows never influence a real row, so the real rows get exactly what exact dispatch gives them.
 - **Channel groups** (``groups = N``, channel-stacked experts): the input holds expert e's channels in block e
   and every parameter is the concatenation of the N experts' tensors along its channel dimension. Functions
-  that would mix blocks are rewritten per block: convolutions get N times the groups (a 1×1 convolution becomes
-  one batched matrix product), ``F.linear`` over the
+  that would mix blocks are rewritten per block: convolutions get N times the groups (an ungrouped 2-D 1×1
+  convolution without padding becomes one batched matrix product), ``F.linear`` over the
   last dimension becomes block-diagonal (one matrix per expert), ``F.layer_norm`` normalises each block,
   ``F.group_norm`` uses N times the groups. Channel-wise functions need nothing.
 
@@ -168,17 +168,26 @@ def _grouped_layer_norm(x, c: int, w, b, eps, g: int):
     return y.flatten(-2)
 
 
-def _pointwise(x, w, padding) -> bool:
-    """A batched 1×1 convolution without padding."""
-    pad = (padding,) * 2 if isinstance(padding, int) else padding
-    return x.dim() == 4 and w.shape[-2:] == (1, 1) and (pad in ("valid", "same") or tuple(pad) == (0, 0))
+def _pair(v) -> tuple:
+    v = (v,) if isinstance(v, int) else tuple(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _pointwise(x, w, stride, padding) -> bool:
+    """A batched 2-D 1×1 convolution without padding (anything else, malformed arguments included, goes to
+    ``F.conv2d``)."""
+    if x.dim() != 4 or w.shape[-2:] != (1, 1):
+        return False
+    if isinstance(padding, str):
+        return padding == "valid" or (padding == "same" and _pair(stride) == (1, 1))
+    return _pair(padding) == (0, 0)
 
 
 def _grouped_pointwise(x, w, b, stride, g: int):
     """A 1×1 convolution with ``g`` groups as one batched matrix product (cuDNN runs grouped convolutions
     group by group, with a slicing and a layout transform around each)."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    sh, sw = _pair(stride)
     if (sh, sw) != (1, 1):
         x = x[:, :, ::sh, ::sw]
     co, ci = w.shape[0] // g, w.shape[1]
@@ -223,7 +232,7 @@ class ExpertContext(TorchFunctionMode):
         if g > 1:
             if func in _CONV:
                 x, w, b, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
-                if func is F.conv2d and groups == 1 and _pointwise(x, w, padding):
+                if func is F.conv2d and groups == 1 and _pointwise(x, w, stride, padding):
                     return _grouped_pointwise(x, w, b, stride, g)
                 return func(x, w, b, stride, padding, dilation, groups * g)
             if func in _CONVT:

@@ -12,9 +12,14 @@ import torch
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index, back_index, back_mask):
-        ctx.save_for_backward(back_index, back_mask)
+    def forward(x, index, back_index, back_mask):
         return x.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, index, back_index, back_mask = inputs
+        ctx.save_for_backward(back_index, back_mask)
+        ctx.save_for_forward(index)
 
     @staticmethod
     def backward(ctx, dy):
@@ -29,6 +34,11 @@ class _GatherRows(torch.autograd.Function):
         else:
             g = g.squeeze(1)
         return g, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):  # forward-mode AD: the tangent is gathered like the input
+        (index,) = ctx.saved_tensors
+        return x_t.index_select(0, index)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, back_index: torch.Tensor,
