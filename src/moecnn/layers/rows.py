@@ -35,8 +35,12 @@ class _GatherRows(torch.autograd.Function):
             g = g.squeeze(1)
         return g, None, None, None
 
+
+class _GatherRowsJvp(_GatherRows):
+    """With forward-mode AD (``torch.func.jvp``), which torch.compile cannot trace in a custom Function."""
+
     @staticmethod
-    def jvp(ctx, x_t, *_):  # forward-mode AD: the tangent is gathered like the input
+    def jvp(ctx, x_t, *_):  # the tangent is gathered like the input
         (index,) = ctx.saved_tensors
         return x_t.index_select(0, index)
 
@@ -51,4 +55,5 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, back_index: torch.Tensor,
     output rows ``j`` with ``index[j] == i`` whose gradient can be non-zero (e.g. padding rows that read
     image 0 but are never used may be left out).
     """
-    return _GatherRows.apply(x, index, back_index, back_mask)
+    fn = _GatherRows if torch.compiler.is_compiling() else _GatherRowsJvp
+    return fn.apply(x, index, back_index, back_mask)
