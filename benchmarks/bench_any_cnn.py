@@ -61,6 +61,24 @@ def build(name: str, moe_kw):
     return model
 
 
+def train_step(model, opt, batches, labels, dev):
+    """One training step per call (bf16 autocast on CUDA, cross-entropy + the MoE auxiliary loss, SGD), cycling
+    through ``batches``."""
+    layers = moecnn.moe_layers(model)
+    i = [0]
+
+    def step():
+        x, y = batches[i[0] % len(batches)], labels[i[0] % len(labels)]
+        i[0] += 1
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = F.cross_entropy(model(x).float(), y) + moecnn.aux_loss(layers)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -90,17 +108,7 @@ def main() -> None:
                 model = build(mname, moe_kw).to(dev, memory_format=mf).train()
                 layers = moecnn.moe_layers(model)
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
-                i = [0]
-
-                def step():
-                    x, y = batches[i[0] % len(batches)], labels[i[0] % len(labels)]
-                    i[0] += 1
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                        loss = F.cross_entropy(model(x).float(), y) + moecnn.aux_loss(layers)[0]
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-
+                step = train_step(model, opt, batches, labels, dev)
                 row["warmup_s"], row["step_ms"] = step_times(step, sync, args.warmup, args.steps)
                 row["ms"] = statistics.median(row["step_ms"])
                 row["ms_mean"] = statistics.fmean(row["step_ms"])

@@ -11,14 +11,12 @@ stacked/per-expert choices of the default execution.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
 
 import moecnn
-from _timing import device_setup, random_batches
-from bench_any_cnn import MODELS, build
+from _timing import device_setup, random_batches, step_times
+from bench_any_cnn import MODELS, build, train_step
 
 EXECUTIONS = {"default": {}, "per_expert": dict(stacked=False), "stacked": dict(stacked=True)}
 
@@ -38,17 +36,7 @@ def main() -> None:
         model = build(args.model, EXECUTIONS[name]).to(dev, memory_format=mf).train()
         layers = moecnn.moe_layers(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
-        times = []
-        for i in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(model(xs[i % 4]).float(), ys[i % 4]) + moecnn.aux_loss(layers)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
+        _, times = step_times(train_step(model, opt, xs, ys, dev), sync, 0, steps)
         print(f"{args.model} / {name}: " + " ".join(f"{t:.0f}" for t in times) + " ms")
         print("  padded buffers:", {n: m._padding for n, m in layers.items()},
               "choices:", {n: m.executions for n, m in layers.items()})
