@@ -40,14 +40,19 @@ def kernel_ms(step, sync, steps: int) -> float:
     return total_us / 1e3 / steps
 
 
+def _warm_up(step, sync, n: int) -> float:
+    """Seconds for ``n`` calls of ``step``, closed by ``sync``."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return time.perf_counter() - t0
+
+
 def time_steps(step, sync, warmup: int, steps: int):
     """(warm-up seconds, ms per step, the last step's return value): ``warmup`` calls of ``step``, then ``steps``
     timed calls, each phase closed by ``sync``."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync()
-    warm_s = time.perf_counter() - t0
+    warm_s = _warm_up(step, sync, warmup)
     t0 = time.perf_counter()
     out = None
     for _ in range(steps):
@@ -60,11 +65,7 @@ def step_times(step, sync, warmup: int, steps: int):
     """(warm-up seconds, ms of each of ``steps`` timed calls): like :func:`time_steps`, but every call is
     synchronised and timed on its own, so a median can leave out the rare slow step (e.g. the first step that
     meets a new buffer shape, when cuDNN autotunes it)."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync()
-    warm_s = time.perf_counter() - t0
+    warm_s = _warm_up(step, sync, warmup)
     out = []
     for _ in range(steps):
         t0 = time.perf_counter()

@@ -168,6 +168,11 @@ def _grouped_layer_norm(x, c: int, w, b, eps, g: int):
     return y.flatten(-2)
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (and not also contiguous, as 1×1 maps or one channel are)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _pair(v) -> tuple:
     v = (v,) if isinstance(v, int) else tuple(v)
     return v * 2 if len(v) == 1 else v
@@ -186,7 +191,7 @@ def _pointwise(x, w, stride, padding) -> bool:
 def _grouped_pointwise(x, w, b, stride, g: int):
     """A 1×1 convolution with ``g`` groups as one batched matrix product (cuDNN runs grouped convolutions
     group by group, with a slicing and a layout transform around each)."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    cl = channels_last(x)
     sh, sw = _pair(stride)
     if (sh, sw) != (1, 1):
         x = x[:, :, ::sh, ::sw]

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..registry import CONSTRAINTS, LOSSES
 from .balance import HardConstraint, RoutingStats, build_constraint
 from .gates import build_gate
-from .grouped import ExpertContext
+from .grouped import ExpertContext, channels_last
 from .rows import gather_rows
 from .stacked import StackedExperts, _close, _random_leaf
 
@@ -144,10 +144,6 @@ def _call_in(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torc
     if not state:
         return module(*args)
     return functional_call(module, {n: t.to(dtype) for n, t in state.items()}, args)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class MoE(nn.Module):
@@ -488,21 +484,18 @@ class MoE(nn.Module):
         # passes are gathers too (no scatter-add)
         inv = torch.empty_like(order)
         inv[order] = torch.arange(t, device=dev)
-        keep = None
+        row = (base.index_select(0, sorted_e) + (pos.clamp_max(caps[0] - 1) if static else pos)).index_select(0, inv)
         if static:
-            keep = pos < caps[0]
-            row = (base.index_select(0, sorted_e) + pos.clamp_max(caps[0] - 1)).index_select(0, inv)
-            kept = keep.index_select(0, inv)
+            kept = (pos < caps[0]).index_select(0, inv)
             at = torch.where(kept, row, total)  # dropped slots land on the extra last row
         else:
-            row = (base.index_select(0, sorted_e) + pos).index_select(0, inv)
             kept = torch.ones(t, dtype=torch.bool, device=dev)
             at = row
         slot = torch.zeros(total + 1, dtype=torch.long, device=dev).scatter_(0, at, torch.arange(t, device=dev))
         real = torch.zeros(total + 1, dtype=torch.bool, device=dev).scatter_(0, at, True)
         slot, real = slot[:total], real[:total]
         src = torch.div(slot, kk, rounding_mode="floor")  # image of every row; padding rows: image 0
-        cl = _channels_last(x)
+        cl = channels_last(x)
         xb = gather_rows(x, src, row.view(b, kk), kept.view(b, kk))  # padding rows get no gradient
         if cl:
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -519,7 +512,7 @@ class MoE(nn.Module):
         ws = w.reshape(-1).to(ys.dtype)
         if static:
             ws = ws * kept.to(ys.dtype)
-            dropped = 1.0 - keep.float().mean()
+            dropped = 1.0 - kept.float().mean()
         y = (ys * ws.view(-1, *[1] * (ys.dim() - 1))).view(b, kk, *ys.shape[1:]).sum(1)
         if cl and y.dim() == 4:
             y = y.contiguous(memory_format=torch.channels_last)
@@ -567,7 +560,7 @@ class MoE(nn.Module):
         # change size with every image and FPN level, and each measurement costs a few passes
         size = tuple(int(v).bit_length() for v in (x.shape[0], math.prod(x.shape[2:]) if x.dim() > 2 else 1))
         key = (x.shape[1], size, x.dtype, x.device.type, self.training, torch.is_grad_enabled(), static,
-               _channels_last(x), torch.is_autocast_enabled(x.device.type))
+               channels_last(x), torch.is_autocast_enabled(x.device.type))
         eng = self._engines.get(key)
         if eng is None:
             if len(self._engines) >= 32:  # enough measured: the most frequent choice so far

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .grouped import ExpertContext, GroupedDropPath, drop_path_spec
+from .grouped import ExpertContext, GroupedDropPath, channels_last, drop_path_spec
 
 # leaves whose tensors are per output channel along dim 0 (conv weights also when out_channels == 1)
 _CHANNEL_FIRST = (_ConvNd, nn.Linear, _BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm)
@@ -151,7 +151,7 @@ class StackedExperts(nn.ModuleList):
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = self.num_experts
         cap = x.shape[0] // n
-        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        cl = channels_last(x)
         xs = x.view(n, cap, *x.shape[1:]).transpose(0, 1).reshape(cap, n * x.shape[1], *x.shape[2:])
         if cl:
             xs = xs.contiguous(memory_format=torch.channels_last)

@@ -36,6 +36,7 @@ from torchvision.ops import FrozenBatchNorm2d, boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..layers.grouped import channels_last
 from ..layers.moe import MoE, RoutingRecord
 from ..registry import DETECTORS
 
@@ -149,8 +150,7 @@ def pack_levels(xs: Sequence[Tensor], layout: tuple) -> Tensor:
     """B×C×H×W map holding every level of ``xs`` at its place in ``layout`` (zeros elsewhere)."""
     height, width, pos = layout
     x0 = xs[0]
-    fmt = torch.channels_last if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous() \
-        else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(x0) else torch.contiguous_format
     canvas = torch.zeros((x0.shape[0], x0.shape[1], height, width), dtype=x0.dtype, device=x0.device) \
         .contiguous(memory_format=fmt)
     for x, (t, l) in zip(xs, pos):
